@@ -1,0 +1,117 @@
+"""What every `tabby-modal` command shares: settings, `--json`, exit codes, the two-signal rule."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared.settings import Settings, SettingsError, load_settings
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_REFUSED = 0, 1, 2
+ALLOW_DESTRUCTIVE_ENV = "TABBY_MODAL_ALLOW_DESTRUCTIVE"
+NO_CREDENTIALS = "No Modal credentials: run `modal token new` or set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
+
+
+class CommandError(Exception):
+    """A refusal or bad input: printed as one line on stderr, exit code `code` (2 unless said)."""
+
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def say(message: str) -> None:
+    """A message for the person: always stderr, so stdout stays clean for `--json`."""
+    click.echo(message, err=True)
+
+
+def emit(result: dict[str, Any], as_json: bool, human: str | Callable[[dict[str, Any]], str] | None = None) -> None:
+    """One JSON object on stdout with `--json`; otherwise a readable rendering."""
+    if as_json:
+        click.echo(json.dumps(result, indent=None, sort_keys=True, default=str))
+        return
+    text = human(result) if callable(human) else human
+    click.echo(text if text is not None else json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+def get_settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as err:
+        raise CommandError(str(err)) from None
+
+
+def local_dirs(settings: Settings, local: str | None) -> dict[str, Path]:
+    """`--local DIR`: DIR/data stands for the data Volume, DIR/backups for the backups Volume."""
+    return settings.local_dirs(local)
+
+
+def has_modal_credentials() -> bool:
+    """Offline check: a token in env or ~/.modal.toml. Never touches the network."""
+    if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
+        return True
+    try:
+        from modal.config import config
+
+        return bool(config.get("token_id")) and bool(config.get("token_secret"))
+    except Exception:
+        return False
+
+
+def require_modal_credentials() -> None:
+    if not has_modal_credentials():
+        raise CommandError(NO_CREDENTIALS)
+
+
+def confirm_destructive(settings: Settings, action: str, yes: bool) -> None:
+    """Two signals: the data volume's name typed at a prompt, or `--yes` plus TABBY_MODAL_ALLOW_DESTRUCTIVE=1."""
+    if yes and os.environ.get(ALLOW_DESTRUCTIVE_ENV) == "1":
+        return
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        typed = click.prompt(
+            f"{action}: type the data volume's name ({settings.data_volume}) to go on", err=True, default=""
+        )
+        if typed.strip() == settings.data_volume:
+            return
+        raise CommandError(f"refused: {action} needs the volume name {settings.data_volume!r}, got {typed!r}")
+    if yes:
+        raise CommandError(f"refused: {action} with --yes also needs {ALLOW_DESTRUCTIVE_ENV}=1 in the environment")
+    raise CommandError(f"refused: {action} is destructive; pass --yes with {ALLOW_DESTRUCTIVE_ENV}=1 (no terminal)")
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")(f)
+
+
+def local_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--local",
+        "local",
+        metavar="DIR",
+        default=None,
+        help="Work on local folders: DIR/data for the data Volume, DIR/backups for the backups Volume.",
+    )(f)
+
+
+def handled(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn CommandError (and bad settings) into one stderr line and the exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except CommandError as err:
+            say(f"error: {err}")
+            sys.exit(err.code)
+        except SettingsError as err:
+            say(f"error: {err}")
+            sys.exit(EXIT_REFUSED)
+
+    return wrapper

@@ -1,0 +1,271 @@
+"""Every knob of the toolkit, in one pydantic-settings class.
+
+Resolved once on the operator's machine (env vars `TABBY_MODAL_*`, then `.env`, then defaults) and handed to Modal
+containers explicitly through `Settings.container_env()`: a container sees neither your shell nor your `.env`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TABBY_MODAL_"
+
+# Modal accepts any GPU string until deploy time, so we check against what Modal sells.
+GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H100!", "H200", "B200", "ANY")
+_GPU_RE = re.compile(r"^(?P<name>[A-Za-z0-9!-]+?)(?::(?P<count>[1-9][0-9]?))?$")
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CRON_FIELD_RE = re.compile(r"^[0-9A-Za-z*/,\-]+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SettingsError(ValueError):
+    """A bad setting: the message is one line naming the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- Tabby and its models -------------------------------------------------------------------------------
+    tabby_image: str = Field("tabbyml/tabby:0.32.0", description="Tabby container image, pinned to a release tag.")
+    python_version: str = Field("3.11", description="Python added to the Tabby image for Modal (3.11 or newer).")
+    completion_model: str = Field("TabbyML/StarCoder-1B", description="Completion model: `Org/Name` or an absolute path.")
+    chat_model: str = Field(
+        "TabbyML/Qwen2-1.5B-Instruct", description="Chat model: `Org/Name` or an absolute path; empty disables chat."
+    )
+    embedding_model: str = Field("TabbyML/Nomic-Embed-Text", description="Embedding model Tabby loads at start.")
+    model_cache: str = Field("/models", description="Where models are baked in the image (TABBY_MODEL_CACHE_ROOT).")
+    device: Literal["cuda", "cpu", "rocm", "metal", "vulkan"] = Field("cuda", description="`tabby serve --device`.")
+    parallelism: int = Field(1, ge=1, le=64, description="`tabby serve --parallelism` (llama-server slots).")
+
+    # --- The GPU server -------------------------------------------------------------------------------------
+    gpu: str = Field("L4", description="GPU type, optional `:N` count; a comma list is a fallback order (`L4,A10G`).")
+    max_inputs: int = Field(10, ge=1, le=1000, description="Concurrent requests per server container.")
+    scaledown_window: int = Field(120, description="Idle seconds before the server container stops (2..3600).")
+    startup_timeout: int = Field(900, ge=10, le=3600, description="Seconds Tabby may take to load models and bind.")
+    request_timeout: int = Field(3600, ge=10, le=86400, description="Longest single request (Modal function timeout).")
+    connect_timeout: float = Field(5.0, gt=0, le=120, description="Proxy: connect timeout to Tabby, seconds.")
+    idle_timeout: float = Field(300.0, gt=0, le=3600, description="Proxy: longest silence inside a stream, seconds.")
+    internal_port: int = Field(8081, description="Port Tabby listens on, on 127.0.0.1 only.")
+    local_port: int = Field(8000, description="Port of the proxy for `tabby-modal serve --local`.")
+    persist_interval: int = Field(30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data.")
+    tabby_bin: str = Field("tabby", description="Tabby binary for local runs (also read from TABBY_BIN).")
+
+    # --- Modal names ----------------------------------------------------------------------------------------
+    warmer_app: str = Field("tabby-warmer", description="Modal app that builds and checks the model image.")
+    server_app: str = Field("tabby-server", description="Modal app that serves Tabby on a GPU.")
+    maintenance_app: str = Field("tabby-maintenance", description="Modal app for backups and maintenance.")
+    data_volume: str = Field("tabby-data", description="Volume holding Tabby's state.")
+    backups_volume: str = Field("tabby-backups", description="Volume holding snapshots.")
+    data_mount: str = Field("/data", description="Where the data Volume is mounted.")
+    backups_mount: str = Field("/backups", description="Where the backups Volume is mounted.")
+    secret_name: str = Field("tabby-secrets", description="Modal secret with the JWT secret and setup token.")
+    lock_dict: str = Field("tabby-maintenance-lock", description="modal.Dict holding the maintenance lock.")
+    modal_environment: str | None = Field(None, description="Modal environment (`-e`); unset uses your default.")
+
+    # --- Backups --------------------------------------------------------------------------------------------
+    backup_schedule: str = Field("0 3 * * *", description="Cron (UTC) for scheduled snapshots; empty switches off.")
+    keep_last: int = Field(7, ge=0, le=10000, description="Retention: newest snapshots always kept.")
+    keep_daily: int = Field(14, ge=0, le=10000, description="Retention: one snapshot per day for this many days.")
+    keep_weekly: int = Field(8, ge=0, le=10000, description="Retention: one snapshot per ISO week for this many weeks.")
+    lock_ttl: int = Field(3600, ge=60, le=86400, description="Seconds before a crashed run's maintenance lock expires.")
+
+    # --- Local runs -----------------------------------------------------------------------------------------
+    local_root: str = Field(".local", description="Folder for `--local` runs: DIR/data, DIR/backups, DIR/live.")
+
+    # --- Secrets (local runs; on Modal they come from the Modal secret) ---------------------------------------
+    jwt_secret: SecretStr | None = Field(None, description="TABBY_WEBSERVER_JWT_TOKEN_SECRET for local serve (UUID).")
+    setup_token: SecretStr | None = Field(None, description="Token that unlocks the owner claim (UUID).")
+
+    # ------------------------------------------------------------------------------------------------------------
+    @field_validator("tabby_image")
+    @classmethod
+    def _pinned_image(cls, v: str) -> str:
+        name, _, tag = v.rpartition(":")
+        if "@sha256:" in v:
+            return v
+        if not name or not tag or "/" in tag or tag == "latest":
+            raise ValueError(f"must be pinned to a release tag like tabbyml/tabby:0.32.0, got {v!r}")
+        return v
+
+    @field_validator("python_version")
+    @classmethod
+    def _python(cls, v: str) -> str:
+        m = re.fullmatch(r"3\.(\d+)", v)
+        if not m or int(m.group(1)) < 11:
+            raise ValueError(f"must be 3.11 or newer (pydantic-settings needs it), got {v!r}")
+        return v
+
+    @field_validator("completion_model", "embedding_model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _check_model(v, allow_empty=False)
+
+    @field_validator("chat_model")
+    @classmethod
+    def _chat(cls, v: str) -> str:
+        return _check_model(v, allow_empty=True)
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("must name a GPU, e.g. L4")
+        for part in parts:
+            m = _GPU_RE.match(part)
+            if not m or m.group("name").upper() not in GPU_TYPES:
+                raise ValueError(f"unknown GPU {part!r} (allowed: {', '.join(GPU_TYPES)}, optional :N count)")
+        return ",".join(parts)
+
+    @field_validator("scaledown_window")
+    @classmethod
+    def _scaledown(cls, v: int) -> int:
+        if not 2 <= v <= 3600:
+            raise ValueError(f"must be between 2 and 3600 seconds, got {v}")
+        return v
+
+    @field_validator("internal_port", "local_port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 1 <= v <= 65535:
+            raise ValueError(f"must be a TCP port 1..65535, got {v}")
+        return v
+
+    @field_validator("backup_schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if v and (len(v.split(" ")) != 5 or not all(_CRON_FIELD_RE.match(f) for f in v.split(" "))):
+            raise ValueError(f"must be a 5-field cron expression like '0 3 * * *' (or empty), got {v!r}")
+        return v
+
+    @field_validator(
+        "warmer_app", "server_app", "maintenance_app", "data_volume", "backups_volume", "secret_name", "lock_dict"
+    )
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"must be 1-64 letters, digits, '.', '_' or '-', got {v!r}")
+        return v
+
+    @field_validator("data_mount", "backups_mount", "model_cache")
+    @classmethod
+    def _abs_path(cls, v: str) -> str:
+        if not v.startswith("/") or v.rstrip("/") == "" or ".." in v.split("/"):
+            raise ValueError(f"must be an absolute path other than /, got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("jwt_secret", "setup_token")
+    @classmethod
+    def _uuid(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or v.get_secret_value() == "":
+            return None
+        try:
+            uuid.UUID(v.get_secret_value().strip())
+        except ValueError:
+            raise ValueError("must be a UUID (generate one with `python -c 'import uuid; print(uuid.uuid4())'`)") from None
+        return SecretStr(v.get_secret_value().strip())
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Settings:
+        if self.data_mount == self.backups_mount:
+            raise ValueError(f"{ENV_PREFIX}BACKUPS_MOUNT: must differ from the data mount {self.data_mount!r}")
+        if self.data_volume == self.backups_volume:
+            raise ValueError(f"{ENV_PREFIX}BACKUPS_VOLUME: must differ from the data volume {self.data_volume!r}")
+        return self
+
+    # --- Derived values -------------------------------------------------------------------------------------
+    def models(self) -> dict[str, str]:
+        """Models to bake, role -> id, in layer order: least likely to change first (see shared/image.py)."""
+        roles = {"embedding": self.embedding_model, "completion": self.completion_model, "chat": self.chat_model}
+        return {role: model for role, model in roles.items() if model}
+
+    def gpu_spec(self) -> str | list[str]:
+        """The value for Modal's `gpu=`: one type, or a list as a fallback order."""
+        parts = self.gpu.split(",")
+        return parts[0] if len(parts) == 1 else parts
+
+    def local_dirs(self, local: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+        root = Path(local or self.local_root)
+        return {"root": root, "data": root / "data", "backups": root / "backups", "live": root / "live"}
+
+    def container_env(self) -> dict[str, str]:
+        """Resolved non-secret settings as env vars, for a Modal function's `env=`.
+
+        Secrets are left out on purpose: on Modal they come from the Modal secret, never from a laptop's env.
+        """
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude={"jwt_secret", "setup_token"}).items():
+            if value is None:
+                continue
+            env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+def _check_model(v: str, *, allow_empty: bool) -> str:
+    v = v.strip()
+    if not v:
+        if allow_empty:
+            return ""
+        raise ValueError("must not be empty")
+    if v.startswith("/"):
+        if ".." in v.split("/"):
+            raise ValueError(f"must not contain '..', got {v!r}")
+        return v.rstrip("/")
+    if not _MODEL_ID_RE.match(v):
+        raise ValueError(f"must be a registry id like TabbyML/StarCoder-1B or an absolute path, got {v!r}")
+    return v
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def one_line(err: ValidationError) -> str:
+    """The first validation error as one line naming its environment variable."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "__root__"]
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if loc:
+        return f"{env_name(loc[0])}: {msg}"
+    return msg  # model-level errors already name their variable
+
+
+def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides: Any) -> Settings:
+    """Resolve settings (env, then `.env`, then defaults) or raise SettingsError with one line."""
+    if "tabby_bin" not in overrides and env_name("tabby_bin") not in os.environ and os.environ.get("TABBY_BIN"):
+        overrides["tabby_bin"] = os.environ["TABBY_BIN"]
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as err:
+        raise SettingsError(one_line(err)) from None
+
+
+def sources(env_file: str | os.PathLike[str] | None = ".env") -> dict[str, str]:
+    """Where each field's value came from: `env`, `.env` or `default`."""
+    from dotenv import dotenv_values
+
+    dotenv = {k.upper(): v for k, v in dotenv_values(env_file).items()} if env_file and Path(env_file).is_file() else {}
+    out: dict[str, str] = {}
+    for name in Settings.model_fields:
+        key = env_name(name)
+        if key in os.environ or (name == "tabby_bin" and "TABBY_BIN" in os.environ):
+            out[name] = "env"
+        elif key in dotenv:
+            out[name] = ".env"
+        else:
+            out[name] = "default"
+    return out
