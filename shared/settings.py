@@ -18,7 +18,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "TABBY_MODAL_"
 
 # Modal accepts any GPU string until deploy time, so we check against what Modal sells.
-GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H100!", "H200", "B200", "ANY")
+GPU_TYPES = (
+    "T4",
+    "L4",
+    "A10G",
+    "L40S",
+    "A100",
+    "A100-40GB",
+    "A100-80GB",
+    "H100",
+    "H100!",
+    "H200",
+    "B200",
+    "ANY",
+)
 _GPU_RE = re.compile(r"^(?P<name>[A-Za-z0-9!-]+?)(?::(?P<count>[1-9][0-9]?))?$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CRON_FIELD_RE = re.compile(r"^[0-9A-Za-z*/,\-]+$")
@@ -39,28 +52,53 @@ class Settings(BaseSettings):
     )
 
     # --- Tabby and its models -------------------------------------------------------------------------------
-    tabby_image: str = Field("tabbyml/tabby:0.32.0", description="Tabby container image, pinned to a release tag.")
-    python_version: str = Field("3.11", description="Python added to the Tabby image for Modal (3.11 or newer).")
-    completion_model: str = Field("TabbyML/StarCoder-1B", description="Completion model: `Org/Name` or an absolute path.")
-    chat_model: str = Field(
-        "TabbyML/Qwen2-1.5B-Instruct", description="Chat model: `Org/Name` or an absolute path; empty disables chat."
+    tabby_image: str = Field(
+        "tabbyml/tabby:0.32.0", description="Tabby container image, pinned to a release tag."
     )
-    embedding_model: str = Field("TabbyML/Nomic-Embed-Text", description="Embedding model Tabby loads at start.")
-    model_cache: str = Field("/models", description="Where models are baked in the image (TABBY_MODEL_CACHE_ROOT).")
-    device: Literal["cuda", "cpu", "rocm", "metal", "vulkan"] = Field("cuda", description="`tabby serve --device`.")
+    python_version: str = Field(
+        "3.11", description="Python added to the Tabby image for Modal (3.11 or newer)."
+    )
+    completion_model: str = Field(
+        "TabbyML/StarCoder-1B", description="Completion model: `Org/Name` or an absolute path."
+    )
+    chat_model: str = Field(
+        "TabbyML/Qwen2-1.5B-Instruct",
+        description="Chat model: `Org/Name` or an absolute path; empty disables chat.",
+    )
+    embedding_model: str = Field(
+        "TabbyML/Nomic-Embed-Text", description="Embedding model Tabby loads at start."
+    )
+    model_cache: str = Field(
+        "/models", description="Where models are baked in the image (TABBY_MODEL_CACHE_ROOT)."
+    )
+    device: Literal["cuda", "cpu", "rocm", "metal", "vulkan"] = Field(
+        "cuda", description="`tabby serve --device`."
+    )
     parallelism: int = Field(1, ge=1, le=64, description="`tabby serve --parallelism` (llama-server slots).")
 
     # --- The GPU server -------------------------------------------------------------------------------------
-    gpu: str = Field("L4", description="GPU type, optional `:N` count; a comma list is a fallback order (`L4,A10G`).")
+    gpu: str = Field(
+        "L4", description="GPU type, optional `:N` count; a comma list is a fallback order (`L4,A10G`)."
+    )
     max_inputs: int = Field(10, ge=1, le=1000, description="Concurrent requests per server container.")
-    scaledown_window: int = Field(120, description="Idle seconds before the server container stops (2..3600).")
-    startup_timeout: int = Field(900, ge=10, le=3600, description="Seconds Tabby may take to load models and bind.")
-    request_timeout: int = Field(3600, ge=10, le=86400, description="Longest single request (Modal function timeout).")
+    scaledown_window: int = Field(
+        120, description="Idle seconds before the server container stops (2..3600)."
+    )
+    startup_timeout: int = Field(
+        900, ge=10, le=3600, description="Seconds Tabby may take to load models and bind."
+    )
+    request_timeout: int = Field(
+        3600, ge=10, le=86400, description="Longest single request (Modal function timeout)."
+    )
     connect_timeout: float = Field(5.0, gt=0, le=120, description="Proxy: connect timeout to Tabby, seconds.")
-    idle_timeout: float = Field(300.0, gt=0, le=3600, description="Proxy: longest silence inside a stream, seconds.")
+    idle_timeout: float = Field(
+        300.0, gt=0, le=3600, description="Proxy: longest silence inside a stream, seconds."
+    )
     internal_port: int = Field(8081, description="Port Tabby listens on, on 127.0.0.1 only.")
     local_port: int = Field(8000, description="Port of the proxy for `tabby-modal serve --local`.")
-    persist_interval: int = Field(30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data.")
+    persist_interval: int = Field(
+        30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data."
+    )
     tabby_bin: str = Field("tabby", description="Tabby binary for local runs (also read from TABBY_BIN).")
 
     # --- Modal names ----------------------------------------------------------------------------------------
@@ -73,20 +111,34 @@ class Settings(BaseSettings):
     backups_mount: str = Field("/backups", description="Where the backups Volume is mounted.")
     secret_name: str = Field("tabby-secrets", description="Modal secret with the JWT secret and setup token.")
     lock_dict: str = Field("tabby-maintenance-lock", description="modal.Dict holding the maintenance lock.")
-    modal_environment: str | None = Field(None, description="Modal environment (`-e`); unset uses your default.")
+    modal_environment: str | None = Field(
+        None, description="Modal environment (`-e`); unset uses your default."
+    )
 
     # --- Backups --------------------------------------------------------------------------------------------
-    backup_schedule: str = Field("0 3 * * *", description="Cron (UTC) for scheduled snapshots; empty switches off.")
+    backup_schedule: str = Field(
+        "0 3 * * *", description="Cron (UTC) for scheduled snapshots; empty switches off."
+    )
     keep_last: int = Field(7, ge=0, le=10000, description="Retention: newest snapshots always kept.")
-    keep_daily: int = Field(14, ge=0, le=10000, description="Retention: one snapshot per day for this many days.")
-    keep_weekly: int = Field(8, ge=0, le=10000, description="Retention: one snapshot per ISO week for this many weeks.")
-    lock_ttl: int = Field(3600, ge=60, le=86400, description="Seconds before a crashed run's maintenance lock expires.")
+    keep_daily: int = Field(
+        14, ge=0, le=10000, description="Retention: one snapshot per day for this many days."
+    )
+    keep_weekly: int = Field(
+        8, ge=0, le=10000, description="Retention: one snapshot per ISO week for this many weeks."
+    )
+    lock_ttl: int = Field(
+        3600, ge=60, le=86400, description="Seconds before a crashed run's maintenance lock expires."
+    )
 
     # --- Local runs -----------------------------------------------------------------------------------------
-    local_root: str = Field(".local", description="Folder for `--local` runs: DIR/data, DIR/backups, DIR/live.")
+    local_root: str = Field(
+        ".local", description="Folder for `--local` runs: DIR/data, DIR/backups, DIR/live."
+    )
 
     # --- Secrets (local runs; on Modal they come from the Modal secret) ---------------------------------------
-    jwt_secret: SecretStr | None = Field(None, description="TABBY_WEBSERVER_JWT_TOKEN_SECRET for local serve (UUID).")
+    jwt_secret: SecretStr | None = Field(
+        None, description="TABBY_WEBSERVER_JWT_TOKEN_SECRET for local serve (UUID)."
+    )
     setup_token: SecretStr | None = Field(None, description="Token that unlocks the owner claim (UUID).")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -153,7 +205,13 @@ class Settings(BaseSettings):
         return v
 
     @field_validator(
-        "warmer_app", "server_app", "maintenance_app", "data_volume", "backups_volume", "secret_name", "lock_dict"
+        "warmer_app",
+        "server_app",
+        "maintenance_app",
+        "data_volume",
+        "backups_volume",
+        "secret_name",
+        "lock_dict",
     )
     @classmethod
     def _name(cls, v: str) -> str:
@@ -176,21 +234,31 @@ class Settings(BaseSettings):
         try:
             uuid.UUID(v.get_secret_value().strip())
         except ValueError:
-            raise ValueError("must be a UUID (generate one with `python -c 'import uuid; print(uuid.uuid4())'`)") from None
+            raise ValueError(
+                "must be a UUID (generate one with `python -c 'import uuid; print(uuid.uuid4())'`)"
+            ) from None
         return SecretStr(v.get_secret_value().strip())
 
     @model_validator(mode="after")
     def _distinct(self) -> Settings:
         if self.data_mount == self.backups_mount:
-            raise ValueError(f"{ENV_PREFIX}BACKUPS_MOUNT: must differ from the data mount {self.data_mount!r}")
+            raise ValueError(
+                f"{ENV_PREFIX}BACKUPS_MOUNT: must differ from the data mount {self.data_mount!r}"
+            )
         if self.data_volume == self.backups_volume:
-            raise ValueError(f"{ENV_PREFIX}BACKUPS_VOLUME: must differ from the data volume {self.data_volume!r}")
+            raise ValueError(
+                f"{ENV_PREFIX}BACKUPS_VOLUME: must differ from the data volume {self.data_volume!r}"
+            )
         return self
 
     # --- Derived values -------------------------------------------------------------------------------------
     def models(self) -> dict[str, str]:
         """Models to bake, role -> id, in layer order: least likely to change first (see shared/image.py)."""
-        roles = {"embedding": self.embedding_model, "completion": self.completion_model, "chat": self.chat_model}
+        roles = {
+            "embedding": self.embedding_model,
+            "completion": self.completion_model,
+            "chat": self.chat_model,
+        }
         return {role: model for role, model in roles.items() if model}
 
     def gpu_spec(self) -> str | list[str]:
@@ -246,7 +314,11 @@ def one_line(err: ValidationError) -> str:
 
 def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides: Any) -> Settings:
     """Resolve settings (env, then `.env`, then defaults) or raise SettingsError with one line."""
-    if "tabby_bin" not in overrides and env_name("tabby_bin") not in os.environ and os.environ.get("TABBY_BIN"):
+    if (
+        "tabby_bin" not in overrides
+        and env_name("tabby_bin") not in os.environ
+        and os.environ.get("TABBY_BIN")
+    ):
         overrides["tabby_bin"] = os.environ["TABBY_BIN"]
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
@@ -258,7 +330,11 @@ def sources(env_file: str | os.PathLike[str] | None = ".env") -> dict[str, str]:
     """Where each field's value came from: `env`, `.env` or `default`."""
     from dotenv import dotenv_values
 
-    dotenv = {k.upper(): v for k, v in dotenv_values(env_file).items()} if env_file and Path(env_file).is_file() else {}
+    dotenv = (
+        {k.upper(): v for k, v in dotenv_values(env_file).items()}
+        if env_file and Path(env_file).is_file()
+        else {}
+    )
     out: dict[str, str] = {}
     for name in Settings.model_fields:
         key = env_name(name)

@@ -32,7 +32,9 @@ def say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def emit(result: dict[str, Any], as_json: bool, human: str | Callable[[dict[str, Any]], str] | None = None) -> None:
+def emit(
+    result: dict[str, Any], as_json: bool, human: str | Callable[[dict[str, Any]], str] | None = None
+) -> None:
     """One JSON object on stdout with `--json`; otherwise a readable rendering."""
     if as_json:
         click.echo(json.dumps(result, indent=None, sort_keys=True, default=str))
@@ -82,8 +84,12 @@ def confirm_destructive(settings: Settings, action: str, yes: bool) -> None:
             return
         raise CommandError(f"refused: {action} needs the volume name {settings.data_volume!r}, got {typed!r}")
     if yes:
-        raise CommandError(f"refused: {action} with --yes also needs {ALLOW_DESTRUCTIVE_ENV}=1 in the environment")
-    raise CommandError(f"refused: {action} is destructive; pass --yes with {ALLOW_DESTRUCTIVE_ENV}=1 (no terminal)")
+        raise CommandError(
+            f"refused: {action} with --yes also needs {ALLOW_DESTRUCTIVE_ENV}=1 in the environment"
+        )
+    raise CommandError(
+        f"refused: {action} is destructive; pass --yes with {ALLOW_DESTRUCTIVE_ENV}=1 (no terminal)"
+    )
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:

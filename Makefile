@@ -1,0 +1,105 @@
+# Tabby on Modal: every target is a thin call of `tabby-modal` or `modal ... -m apps.X`.
+# Targets that talk to Modal check credentials offline first and stop at once (exit 2) without them.
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+TM    := $(VENV)/bin/tabby-modal
+MODAL := $(VENV)/bin/modal
+# uv must use this machine's Python and never download one.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON_PREFERENCE := only-system
+
+LOCAL ?= .local
+# Modal environment from settings (TABBY_MODAL_MODAL_ENVIRONMENT, env or .env); empty = your default.
+MODAL_ENV = $(shell $(TM) config --get modal_environment 2>/dev/null)
+ENVF = $(if $(MODAL_ENV),-e $(MODAL_ENV))
+YESF = $(if $(YES),--yes)
+
+.PHONY: help install test stress lint format config doctor need-modal secrets warm-cache deploy deploy-warmer \
+	deploy-server deploy-maintenance stop-server serve-local smoke bench backup-volume snapshots inspect-volume \
+	verify-backups restore-volume reset-volume prune-backups
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+install: ## Create .venv from uv.lock (bootstraps uv with pip when missing)
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.8"
+	uv sync --frozen --python python3
+	@$(TM) --help >/dev/null && echo "installed: $(TM)"
+
+test: ## Run the test suite (stress runs excluded)
+	$(VENV)/bin/pytest -q -m "not stress"
+
+stress: ## Longer stress runs
+	$(VENV)/bin/pytest -q -m stress
+
+lint: ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+config: ## Print resolved settings with their source
+	@$(TM) config
+
+doctor: ## Offline checks, plus online ones with credentials
+	@$(TM) doctor
+
+need-modal:
+	@$(TM) check-credentials
+
+secrets: need-modal ## Create the Modal secret (JWT secret + setup token) if missing
+	@$(TM) secrets
+
+warm-cache: need-modal ## Build the image with the models baked in and check them
+	$(MODAL) run $(ENVF) -m apps.warmer
+
+deploy-warmer: need-modal
+	$(MODAL) deploy $(ENVF) -m apps.warmer
+
+deploy-server: need-modal ## Deploy the GPU server (recreate: never two writers on /data)
+	$(MODAL) deploy $(ENVF) -m apps.server --strategy recreate
+
+deploy-maintenance: need-modal ## Deploy the maintenance app (backups, restore, scheduled snapshots)
+	$(MODAL) deploy $(ENVF) -m apps.maintenance
+
+deploy: deploy-warmer deploy-maintenance deploy-server ## Deploy all three apps
+
+stop-server: need-modal ## Stop the server app's containers (before restore/reset)
+	$(MODAL) app stop $(ENVF) $(shell $(TM) config --get server_app)
+
+serve-local: ## Run Tabby + the proxy locally (needs TABBY_BIN or tabby on PATH)
+	$(TM) serve --local $(LOCAL)
+
+smoke: ## Smoke-test a deployment: make smoke URL=https://... TOKEN=auth_...
+	@test -n "$(URL)" || { echo "usage: make smoke URL=https://... TOKEN=..." >&2; exit 2; }
+	$(PY) scripts/smoke.py --url "$(URL)" --token "$(TOKEN)"
+
+bench: ## Benchmarks: tables of side-by-side figures
+	@for s in scripts/bench_*.py; do echo "== $$s"; $(PY) $$s || exit $$?; done
+
+backup-volume: need-modal ## Snapshot the data Volume now
+	$(TM) snapshot --label manual
+
+snapshots: need-modal ## List snapshots
+	$(TM) snapshots
+
+inspect-volume: need-modal ## What is in the data Volume and the DB
+	$(TM) inspect
+
+verify-backups: need-modal ## Rehash blobs and restore-drill the DB of every snapshot
+	$(TM) verify
+
+restore-volume: need-modal ## make restore-volume SNAPSHOT=<id> [YES=1]
+	@test -n "$(SNAPSHOT)" || { echo "usage: make restore-volume SNAPSHOT=<id>" >&2; exit 2; }
+	$(TM) restore "$(SNAPSHOT)" $(YESF)
+
+reset-volume: need-modal ## make reset-volume SCOPE=all|auth|index [YES=1]
+	@test -n "$(SCOPE)" || { echo "usage: make reset-volume SCOPE=all|auth|index" >&2; exit 2; }
+	$(TM) reset --scope "$(SCOPE)" $(YESF)
+
+prune-backups: need-modal ## Apply the retention settings to snapshots [YES=1]
+	$(TM) prune $(YESF)
