@@ -1,0 +1,38 @@
+"""Keep the README true: its settings table, make targets and commands exist."""
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import BIN, REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_settings_table_matches_the_settings_class():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from settings_table import table
+
+    block = README.split("<!-- settings-table")[1].split("<!-- /settings-table -->")[0]
+    assert table() in block, "README settings table is stale: run python scripts/settings_table.py"
+
+
+def test_quick_start_commands():
+    assert "make install" in README and "make test" in README
+
+
+def test_every_make_target_named_exists():
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", README))
+    assert named, "README names no make targets"
+    assert named <= targets, f"README names unknown targets: {named - targets}"
+
+
+def test_every_tabby_modal_command_named_exists():
+    help_text = subprocess.run(
+        [str(BIN / "tabby-modal"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    commands = set(re.findall(r"^  ([a-z][a-z-]*)\s", help_text, re.M))
+    named = set(re.findall(r"`tabby-modal ([a-z][a-z-]*)", README))
+    assert named <= commands, f"README names unknown commands: {named - commands}"
