@@ -24,8 +24,9 @@ help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 install: ## Create .venv from uv.lock (bootstraps uv with pip when missing)
-	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.8"
-	uv sync --frozen --python python3
+	@uv=$$(command -v uv || true); \
+	if [ -z "$$uv" ]; then python3 -m pip install --quiet "uv>=0.8" && uv="python3 -m uv"; fi; \
+	echo "$$uv sync --frozen --python python3"; $$uv sync --frozen --python python3
 	@$(TM) --help >/dev/null && echo "installed: $(TM)"
 
 test: ## Run the test suite (stress runs excluded)
