@@ -20,6 +20,7 @@ NEEDS_MODAL = [
     "restore-volume",
     "reset-volume",
     "prune-backups",
+    "rotate-jwt-secret",
 ]
 LINE = "No Modal credentials: run `modal token new` or set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
 
