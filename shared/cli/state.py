@@ -1,0 +1,306 @@
+"""Tabby's state: `persist`, `hydrate`, `snapshot`, `snapshots`, `verify`, `restore`, `prune`, `reset`, `inspect`.
+
+With `--local DIR` they work on DIR/data (the data Volume) and DIR/backups (the backups Volume); without it they go
+to Modal through `shared.remote`. Exit codes: 0 done, 1 verify found problems, 2 bad input or refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared.atomic import StateError
+from shared.cli import cli
+from shared.cli.common import (
+    EXIT_PROBLEMS,
+    CommandError,
+    confirm_destructive,
+    emit,
+    get_settings,
+    handled,
+    json_option,
+    local_option,
+)
+from shared.ops import open_ops
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """State errors and OS errors become one stderr line and exit code 2."""
+    try:
+        yield
+    except StateError as err:
+        raise CommandError(str(err)) from None
+    except OSError as err:
+        raise CommandError(f"{err.strerror or err}: {err.filename}" if err.filename else str(err)) from None
+
+
+def _ops(local: str | None) -> Any:
+    with _refusals():
+        return open_ops(get_settings(), local)
+
+
+def _run(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    with _refusals():
+        return fn()
+
+
+def _mib(n: int | float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _require_local(local: str | None, command: str) -> None:
+    if local is None:
+        raise CommandError(
+            f"{command} works on local folders: pass --local DIR (on Modal the server runs it)"
+        )
+
+
+# --- persist / hydrate ----------------------------------------------------------------------------------------
+
+
+@cli.command("persist")
+@click.option("--root", "root", required=True, metavar="LIVE_ROOT", help="The live TABBY_ROOT to mirror.")
+@local_option
+@json_option
+@handled
+def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
+    """Mirror a live TABBY_ROOT into DIR/data: DB through SQLite's backup API, changed files only, manifest last."""
+    _require_local(local, "persist")
+    ops = _ops(local)
+    result = _run(lambda: ops.persist(Path(root)))
+
+    def human(r: dict[str, Any]) -> str:
+        what = (
+            f"{r['changed']} changed ({_mib(r['copied_bytes'])}), {r['deleted']} deleted"
+            if r["wrote_manifest"]
+            else "nothing changed"
+        )
+        return f"persisted: {what}; {r['files']} files, {_mib(r['bytes'])} ({r['seconds']:.3f}s)"
+
+    emit(result, as_json, human)
+
+
+@cli.command("hydrate")
+@click.option("--root", "root", required=True, metavar="LIVE_ROOT", help="Where to lay the state down.")
+@local_option
+@json_option
+@handled
+def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
+    """Lay DIR/data's last persisted state down at LIVE_ROOT, checked against its manifest first."""
+    _require_local(local, "hydrate")
+    ops = _ops(local)
+    result = _run(lambda: ops.hydrate(Path(root)))
+
+    def human(r: dict[str, Any]) -> str:
+        if r["fresh"]:
+            return f"hydrated: empty data dir, {root} starts as a fresh instance"
+        return f"hydrated: {r['files']} files, {_mib(r['bytes'])} into {root} ({r['seconds']:.2f}s)"
+
+    emit(result, as_json, human)
+
+
+# --- snapshots --------------------------------------------------------------------------------------------------
+
+
+@cli.command("snapshot")
+@click.option("--label", default="manual", show_default=True, help="Label carried in the snapshot id.")
+@local_option
+@json_option
+@handled
+def snapshot_cmd(label: str, local: str | None, as_json: bool) -> None:
+    """Take a snapshot of the data dir into the backups store (deduplicated; unchanged files cost nothing)."""
+    ops = _ops(local)
+    result = _run(lambda: ops.snapshot(label))
+
+    def human(r: dict[str, Any]) -> str:
+        return (
+            f"snapshot {r['id']}: {r['files']} files, {_mib(r['bytes'])}; "
+            f"new: {r['new_blobs']} blobs, {_mib(r['new_bytes'])} ({r['consistency']}, {r['seconds']:.2f}s)"
+        )
+
+    emit(result, as_json, human)
+
+
+@cli.command("snapshots")
+@local_option
+@json_option
+@handled
+def snapshots_cmd(local: str | None, as_json: bool) -> None:
+    """List snapshots, oldest first, and the store's size."""
+    ops = _ops(local)
+    result = _run(ops.snapshots)
+
+    def human(r: dict[str, Any]) -> str:
+        lines = []
+        for s in r["snapshots"]:
+            if "problem" in s:
+                lines.append(f"{s['id']}  UNREADABLE: {s['problem']}")
+            else:
+                lines.append(
+                    f"{s['id']:<48} {s['time']}  {s['files']:>7} files  {_mib(s['bytes']):>12}  {s['consistency']}"
+                )
+        lines.append(f"{r['count']} snapshots; store holds {r['blobs']} blobs, {_mib(r['bytes'])}")
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+
+
+@cli.command("verify")
+@click.argument("snapshot", required=False)
+@click.option(
+    "--sample", type=float, default=None, metavar="FRACTION", help="Re-hash only this share of blobs."
+)
+@local_option
+@json_option
+@handled
+def verify_cmd(snapshot: str | None, sample: float | None, local: str | None, as_json: bool) -> None:
+    """Re-hash blobs, check every manifest's blobs exist, restore-drill each database (exit 1 on problems)."""
+    ops = _ops(local)
+    result = _run(lambda: ops.verify(snapshot, sample))
+
+    def human(r: dict[str, Any]) -> str:
+        head = (
+            f"{'ok' if r['ok'] else 'PROBLEMS'}: {r['snapshots']} snapshots, "
+            f"{r['blobs_checked']}/{r['blobs']} blobs re-hashed, {r['databases_drilled']} databases drilled"
+        )
+        return "\n".join([head, *(f"  {p['snapshot']}  {p['path']}: {p['problem']}" for p in r["problems"])])
+
+    emit(result, as_json, human)
+    if not result["ok"]:
+        raise SystemExit(EXIT_PROBLEMS)
+
+
+@cli.command("restore")
+@click.argument("snapshot")
+@click.option(
+    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
+)
+@click.option(
+    "--force", is_flag=True, help="Even if a server seems to be running or the safety snapshot fails."
+)
+@local_option
+@json_option
+@handled
+def restore_cmd(snapshot: str, yes: bool, force: bool, local: str | None, as_json: bool) -> None:
+    """Replace the data dir with SNAPSHOT (or `latest`): verified first, a safety snapshot taken, staged, swapped."""
+    settings = get_settings()
+    confirm_destructive(settings, f"restore {snapshot}", yes)
+    ops = _ops(local)
+    result = _run(lambda: ops.restore(snapshot, force=force))
+
+    def human(r: dict[str, Any]) -> str:
+        safety = f"; safety snapshot {r['safety_snapshot']}" if r.get("safety_snapshot") else ""
+        return f"restored {r['restored']}: {r['files']} files, {_mib(r['bytes'])}{safety}"
+
+    emit(result, as_json, human)
+
+
+@cli.command("prune")
+@click.option("--keep-last", type=int, default=None, help="Newest snapshots kept (default: settings).")
+@click.option("--keep-daily", type=int, default=None, help="Days with one snapshot kept (default: settings).")
+@click.option(
+    "--keep-weekly", type=int, default=None, help="ISO weeks with one snapshot kept (default: settings)."
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would go.")
+@click.option(
+    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
+)
+@local_option
+@json_option
+@handled
+def prune_cmd(
+    keep_last: int | None,
+    keep_daily: int | None,
+    keep_weekly: int | None,
+    dry_run: bool,
+    yes: bool,
+    local: str | None,
+    as_json: bool,
+) -> None:
+    """Forget snapshots outside the retention rules (never the newest), then delete unreferenced blobs."""
+    settings = get_settings()
+    last = settings.keep_last if keep_last is None else keep_last
+    daily = settings.keep_daily if keep_daily is None else keep_daily
+    weekly = settings.keep_weekly if keep_weekly is None else keep_weekly
+    if not dry_run:
+        confirm_destructive(settings, "prune", yes)
+    ops = _ops(local)
+    result = _run(lambda: ops.prune(last, daily, weekly, dry_run))
+
+    def human(r: dict[str, Any]) -> str:
+        verb = "would remove" if r["dry_run"] else "removed"
+        lines = [f"{verb} {s}" for s in r["removed"]]
+        lines.append(
+            f"{verb} {len(r['removed'])} snapshots and {r['blobs_removed']} blobs ({_mib(r['bytes_freed'])}); "
+            f"kept {len(r['kept'])}"
+        )
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+
+
+@cli.command("reset")
+@click.option("--scope", type=click.Choice(["all", "auth", "index"]), required=True, help="What to delete.")
+@click.option(
+    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
+)
+@click.option(
+    "--force", is_flag=True, help="Even if a server seems to be running or the safety snapshot fails."
+)
+@local_option
+@json_option
+@handled
+def reset_cmd(scope: str, yes: bool, force: bool, local: str | None, as_json: bool) -> None:
+    """Delete all state, `auth` (ee/: users, tokens, settings) or `index` (index/, repositories/), after a snapshot."""
+    settings = get_settings()
+    confirm_destructive(settings, f"reset --scope {scope}", yes)
+    ops = _ops(local)
+    result = _run(lambda: ops.reset(scope, force=force))
+
+    def human(r: dict[str, Any]) -> str:
+        return (
+            f"reset {r['scope']}: removed {r['removed_files']} files ({_mib(r['removed_bytes'])}); "
+            f"safety snapshot {r['safety_snapshot'] or 'none (nothing to keep)'}"
+        )
+
+    emit(result, as_json, human)
+
+
+@cli.command("inspect")
+@click.option("--snapshot", "snapshot", default=None, metavar="ID", help="Inspect a snapshot instead.")
+@local_option
+@json_option
+@handled
+def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
+    """What is in the data dir (or a snapshot): dirs, database users/owner/tables, last persist, snapshots."""
+    ops = _ops(local)
+    result = _run(lambda: ops.inspect(snapshot))
+
+    def human(r: dict[str, Any]) -> str:
+        db = r["db"]
+        lines = [
+            f"{r.get('snapshot') or r.get('data_dir')}: {r['files']} files, {_mib(r['bytes'])}, {r['inodes']} inodes"
+        ]
+        for top, d in r["dirs"].items():
+            lines.append(f"  {top + '/':<16} {d['files']:>7} files  {_mib(d['bytes']):>12}")
+        if db.get("present"):
+            lines.append(
+                f"db {db.get('path')}: integrity {db['integrity']}, {db['users']} users, "
+                f"owner {'yes' if db['owner'] else 'no'}, schema {db['schema_version']}, {len(db['tables'])} tables"
+            )
+        else:
+            lines.append("db: none (a fresh instance)")
+        last = r.get("last_persist")
+        if last and last.get("age_seconds") is not None:
+            lines.append(f"last persist {last['time']} ({last['age_seconds']:.0f}s ago)")
+        snaps = r.get("snapshots")
+        if snaps:
+            lines.append(f"snapshots: {snaps['count']}, store {_mib(snaps['bytes'])}")
+        return "\n".join(lines)
+
+    emit(result, as_json, human)

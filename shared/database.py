@@ -1,0 +1,197 @@
+"""Tabby's SQLite database: consistent online copies, checks, and a read-out of what is inside.
+
+A live WAL database is never copied as a file: its committed data may sit only in `-wal`. `backup()` uses SQLite's
+online backup API (one step, so one read transaction: a consistent point even while Tabby writes), checks the copy,
+and only then renames it into place. Copies are switched to `journal_mode=DELETE` so they are one self-contained
+file; Tabby turns WAL back on when it opens the database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import urllib.parse
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Literal
+
+from shared.atomic import StateError, ensure_dir, fsync_dir, hash_file, tmp_path
+
+# Tabby's databases under TABBY_ROOT (dev builds use dev-db.sqlite).
+DB_PATHS = ("ee/db.sqlite", "ee/dev-db.sqlite")
+SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
+
+Check = Literal["quick", "full", "none"]
+
+
+class DbCheckError(StateError):
+    """A database copy failed its check: it was not published."""
+
+
+def sidecars(path: Path) -> list[Path]:
+    return [path.with_name(path.name + s) for s in SIDECAR_SUFFIXES]
+
+
+def _ro_uri(path: Path) -> str:
+    return f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+
+
+def check_conn(conn: sqlite3.Connection, mode: Check = "full") -> str:
+    """'ok', or the first problems SQLite reports, on one line."""
+    if mode == "none":
+        return "ok"
+    pragma = "integrity_check" if mode == "full" else "quick_check"
+    try:
+        rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}(5)")]
+    except sqlite3.DatabaseError as err:
+        return f"error: {err}"
+    if rows == ["ok"]:
+        return "ok"
+    return "; ".join(rows)[:300] or "error: no result"
+
+
+def check_file(path: Path, mode: Check = "full") -> str:
+    """Check a database file that nobody else uses (a private copy): 'ok' or what is wrong."""
+    try:
+        with closing(sqlite3.connect(_ro_uri(path), uri=True)) as conn:
+            return check_conn(conn, mode)
+    except sqlite3.DatabaseError as err:
+        return f"error: {err}"
+
+
+def _private_source(src: Path, workdir: Path) -> Path:
+    """Copy the database and its `-wal` into `workdir` so we never open (and write `-shm` next to) the original."""
+    dst = workdir / src.name
+    shutil.copyfile(src, dst)
+    wal = src.with_name(src.name + "-wal")
+    if wal.exists():
+        shutil.copyfile(wal, dst.with_name(dst.name + "-wal"))
+    return dst
+
+
+def backup(
+    src: Path,
+    dst: Path,
+    *,
+    private_copy: bool = False,
+    check: Check = "quick",
+    skip_if_sha256: str | None = None,
+    durable: bool = True,
+) -> dict[str, Any]:
+    """Copy database `src` to `dst` through the online backup API, check it, then publish it atomically.
+
+    `private_copy=True` is for sources we must not open in place (a mounted data Volume, a copied install): the file
+    and its `-wal` are copied to a temp dir first. Otherwise `src` is opened read-only, which is safe while another
+    process writes it. If the copy hashes to `skip_if_sha256`, `dst` is left alone (`unchanged: True`).
+    Raises DbCheckError when the copy fails its check; `dst` is then untouched.
+    """
+    ensure_dir(dst.parent, durable=durable)
+    tmp = tmp_path(dst)
+    work = Path(tempfile.mkdtemp(prefix="tabby-modal-db-")) if private_copy else None
+    try:
+        try:
+            if work is not None:
+                source = sqlite3.connect(_private_source(src, work))
+            else:
+                source = sqlite3.connect(_ro_uri(src), uri=True, timeout=30)
+            with closing(source), closing(sqlite3.connect(tmp)) as target:
+                source.backup(target)  # pages=-1: one step, one read transaction
+                target.execute("PRAGMA journal_mode=DELETE")
+                result = check_conn(target, check)
+                page_count = target.execute("PRAGMA page_count").fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            raise DbCheckError(f"{src.name}: cannot copy: {err}") from None
+        if result != "ok":
+            raise DbCheckError(f"{src.name}: copy fails {check}_check: {result}")
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        size, sha = hash_file(tmp)
+        out = {"check": result, "mode": check, "method": "backup", "bytes": size, "sha256": sha}
+        out["page_count"] = page_count
+        if sha == skip_if_sha256:
+            return {**out, "unchanged": True}
+        os.replace(tmp, dst)
+        if durable:
+            fsync_dir(dst.parent)
+        return {**out, "unchanged": False}
+    finally:
+        for p in (tmp, *sidecars(tmp)):
+            p.unlink(missing_ok=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {str(r[1]) for r in conn.execute(f"PRAGMA table_info({_quote(table)})")}
+
+
+def inspect_conn(conn: sqlite3.Connection, *, check: Check = "full") -> dict[str, Any]:
+    """Tables with row counts, users, whether an owner exists, schema version, integrity."""
+    tables: dict[str, int] = {}
+    names = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ]
+    for name in names:
+        tables[name] = int(conn.execute(f"SELECT count(*) FROM {_quote(name)}").fetchone()[0])
+    users = tables.get("users", 0)
+    owner = False
+    if "users" in tables:
+        cols = _columns(conn, "users")
+        # Tabby marks its owner as an admin (the first registered user); the flag column is checked if present.
+        flag = next((c for c in ("is_owner", "is_admin") if c in cols), None)
+        if flag is None:
+            owner = users > 0
+        else:
+            owner = bool(
+                conn.execute(f"SELECT EXISTS(SELECT 1 FROM users WHERE {_quote(flag)})").fetchone()[0]
+            )
+    schema_version = None
+    if "_sqlx_migrations" in tables and "version" in _columns(conn, "_sqlx_migrations"):
+        schema_version = conn.execute("SELECT max(version) FROM _sqlx_migrations").fetchone()[0]
+    return {
+        "integrity": check_conn(conn, check),
+        "users": users,
+        "owner": owner,
+        "tables": tables,
+        "schema_version": schema_version,
+        "page_count": int(conn.execute("PRAGMA page_count").fetchone()[0]),
+    }
+
+
+def inspect_file(path: Path, *, check: Check = "full") -> dict[str, Any]:
+    """Inspect a private copy of a database. An unreadable file gives `integrity` 'error: ...' and empty counts."""
+    base: dict[str, Any] = {"present": True, "bytes": path.stat().st_size}
+    try:
+        with closing(sqlite3.connect(_ro_uri(path), uri=True)) as conn:
+            return {**base, **inspect_conn(conn, check=check)}
+    except sqlite3.DatabaseError as err:
+        return {
+            **base,
+            "integrity": f"error: {err}",
+            "users": 0,
+            "owner": False,
+            "tables": {},
+            "schema_version": None,
+        }
+
+
+def absent() -> dict[str, Any]:
+    """The `db` section when there is no database (a fresh instance)."""
+    return {
+        "present": False,
+        "integrity": None,
+        "users": 0,
+        "owner": False,
+        "tables": {},
+        "schema_version": None,
+    }

@@ -1,0 +1,97 @@
+"""One facade for Tabby's state operations, local or remote, returning JSON-serialisable dicts.
+
+`LocalOps` works on two directories: the data dir (on Modal the `/data` Volume; locally `DIR/data`) and the
+backups dir (`/backups`; locally `DIR/backups`). `shared.remote.RemoteOps` offers the same methods against the
+deployed maintenance app; `open_ops()` picks one. Errors are StateError (one line, bad input or refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared import inspection, mirror
+from shared.atomic import StateError
+from shared.progress import DEFAULT_INTERVAL, Progress
+from shared.store import Store
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+
+class LocalOps:
+    """State operations on local directories (also what the maintenance app runs on its mounted Volumes)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        backups_dir: Path,
+        *,
+        lock_ttl: float = 3600,
+        lock_wait: float = 30.0,
+        progress_interval: float = DEFAULT_INTERVAL,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.backups_dir = Path(backups_dir)
+        self.progress_interval = progress_interval
+        self.store = Store.open(
+            self.backups_dir, lock_ttl=lock_ttl, lock_wait=lock_wait, progress=self._progress
+        )
+
+    def _progress(self, label: str) -> Progress:
+        return Progress(label, interval=self.progress_interval)
+
+    def persist(self, root: Path, *, commit: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Mirror live root `root` into the data dir (see mirror.persist)."""
+        return mirror.persist(Path(root), self.data_dir, commit=commit, progress=self._progress("persist"))
+
+    def hydrate(self, root: Path) -> dict[str, Any]:
+        """Lay the data dir's last persisted state down at `root` (see mirror.hydrate)."""
+        return mirror.hydrate(self.data_dir, Path(root), progress=self._progress("hydrate"))
+
+    def snapshot(self, label: str = "manual") -> dict[str, Any]:
+        """{id, label, time, files, bytes, new_blobs, new_bytes, consistency, databases, seconds}."""
+        return self.store.snapshot(self.data_dir, label)
+
+    def snapshots(self) -> dict[str, Any]:
+        """{snapshots: [{id, label, time, consistency, files, bytes} or {id, problem}], count, blobs, bytes}."""
+        stats = self.store.stats()
+        return {"snapshots": self.store.list(), **stats}
+
+    def verify(self, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
+        """{ok, problems: [{snapshot, path, problem}], snapshots, blobs, blobs_checked, ...}."""
+        return self.store.verify(snapshot_id, sample)
+
+    def restore(self, snapshot_id: str, force: bool = False) -> dict[str, Any]:
+        """{restored, files, bytes, safety_snapshot, seconds}; StateError when refused (nothing written)."""
+        return self.store.restore(snapshot_id, self.data_dir, force=force)
+
+    def prune(
+        self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """{dry_run, kept, removed, blobs_removed, bytes_freed, ...}."""
+        return self.store.prune(keep_last, keep_daily, keep_weekly, dry_run=dry_run)
+
+    def reset(self, scope: str, force: bool = False) -> dict[str, Any]:
+        """{scope, removed_files, removed_bytes, files_left, safety_snapshot, seconds}."""
+        return self.store.reset(self.data_dir, scope, force=force)
+
+    def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
+        """{db: {integrity, users, owner, tables, schema_version}, dirs, files, bytes, inodes, last_persist,
+        snapshots: {count, bytes, blobs, newest}}."""
+        return inspection.inspect(self.data_dir, self.store, snapshot_id)
+
+
+def open_ops(settings: Settings, local: str | None) -> Any:
+    """`LocalOps` on DIR/data and DIR/backups for `--local DIR`; else the remote form (imported lazily)."""
+    if local is not None:
+        dirs = settings.local_dirs(local)
+        return LocalOps(dirs["data"], dirs["backups"], lock_ttl=settings.lock_ttl)
+    try:
+        from shared.remote import RemoteOps  # type: ignore[import-not-found]
+    except ModuleNotFoundError as err:
+        if err.name != "shared.remote":
+            raise
+        raise StateError("remote state operations are not available yet: use --local DIR") from None
+    return RemoteOps(settings)
