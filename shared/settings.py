@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         300.0, gt=0, le=3600, description="Proxy: longest silence inside a stream, seconds."
     )
     internal_port: int = Field(8081, description="Port Tabby listens on, on 127.0.0.1 only.")
-    local_port: int = Field(8000, description="Port of the proxy for `tabby-modal serve --local`.")
+    local_port: int = Field(8000, description="Port of the proxy for local serve (`make serve-local`).")
     persist_interval: int = Field(
         30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data."
     )
