@@ -185,12 +185,32 @@ def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+# Parsed manifests by path, keyed on (size, mtime, inode): a persist pass with nothing changed reads no file.
+_CACHE: dict[str, tuple[tuple[int, int, int], PersistManifest]] = {}
+
+
 def load_manifest(data_dir: Path) -> PersistManifest | None:
     """The persist manifest of `data_dir`, validated; None when there is none. StateError when malformed."""
+    path = Path(data_dir) / MANIFEST
     try:
-        raw = (Path(data_dir) / MANIFEST).read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         return None
+    key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[0] == key:
+        m = hit[1]
+        return replace(m, files=dict(m.files), databases=dict(m.databases))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    m = _parse_manifest(raw)
+    _CACHE[str(path)] = (key, m)
+    return replace(m, files=dict(m.files), databases=dict(m.databases))
+
+
+def _parse_manifest(raw: bytes) -> PersistManifest:
     where = f"persist manifest {MANIFEST}"
     doc = load_json(raw, where)
     if doc.get("format") != FORMAT or doc.get("kind") != "tabby-modal/persist":
@@ -213,7 +233,11 @@ def load_manifest(data_dir: Path) -> PersistManifest | None:
 
 
 def write_manifest(data_dir: Path, manifest: PersistManifest) -> None:
-    write_bytes(Path(data_dir) / MANIFEST, dump_json(manifest.to_json()))
+    path = Path(data_dir) / MANIFEST
+    write_bytes(path, dump_json(manifest.to_json()))
+    st = path.stat()
+    kept = replace(manifest, files=dict(manifest.files), databases=dict(manifest.databases))
+    _CACHE[str(path)] = ((st.st_size, st.st_mtime_ns, st.st_ino), kept)
 
 
 def pending_info(data_dir: Path) -> dict[str, Any] | None:
@@ -325,6 +349,24 @@ def clear_way(root: Path, relpath: str) -> None:
     target = p / parts[-1]
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
+
+
+def remove(root: Path, relpath: str, *, tree: bool = False) -> int:
+    """Delete the file or link `root/relpath` if it is still there; returns bytes freed.
+
+    A directory found there is new content that replaced the file (kept), unless `tree` (stray temp dirs).
+    """
+    path = Path(root) / relpath
+    try:
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            path.unlink()
+            return st.st_size
+        if tree:
+            shutil.rmtree(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return 0
 
 
 def prune_empty_dirs(root: Path, relpaths: Iterable[str]) -> None:
@@ -605,13 +647,20 @@ def persist(
         )
     repair = prev is None or pending_info(data_dir) is not None
     nodes = scan(live_root)
-    metas = {p: _read_meta(live_root / p) for p in sorted(nodes) if is_index_meta(p)}
+    run = _Persist(live_root, data_dir, prev, repair)
+    # Read each changed meta.json now, before any segment is copied: the copy we publish names only segments that
+    # existed at this moment. An unchanged one is not read at all (None).
+    metas: dict[str, tuple[bytes | None, os.stat_result | None] | None] = {}
+    for p in sorted(nodes):
+        if is_index_meta(p):
+            old, n = run.old.get(p), nodes[p]
+            unchanged = old is not None and not old.racy and (old.size, old.mtime_ns) == (n.size, n.mtime_ns)
+            metas[p] = None if unchanged else _read_meta(live_root / p)
     dbs = [p for p in database.DB_PATHS if p in nodes and nodes[p].link is None]
     bad_links = escaping_links(nodes)
     for p in sorted(bad_links):
         warnings.append(f"{p}: symlink leaves the root, skipped")
 
-    run = _Persist(live_root, data_dir, prev, repair)
     todo = []
     for path, node in nodes.items():
         if path in metas or path in dbs or path in bad_links:
@@ -638,8 +687,11 @@ def persist(
                 run.new[path] = entry
             prog.add(1, nodes[path].size)
     databases = {p: run.database(p) for p in dbs}
-    for p, (content, st) in metas.items():
-        run.meta(p, content, st)
+    for p, item in metas.items():
+        if item is None:
+            run.new[p] = run.old[p]
+        else:
+            run.meta(p, *item)
 
     # Deletions come after every addition, so the index never names a segment that is gone.
     tmp_files: list[str] = []
@@ -647,13 +699,10 @@ def persist(
     gone = sorted(existing - set(run.new))
     if gone or tmp_files:
         run.begin()
-        for p in [*gone, *tmp_files]:
-            try:
-                (data_dir / p).unlink()
-            except FileNotFoundError:
-                pass
-            except IsADirectoryError:
-                shutil.rmtree(data_dir / p, ignore_errors=True)
+        for p in gone:
+            remove(data_dir, p)
+        for p in tmp_files:
+            remove(data_dir, p, tree=True)
         prune_empty_dirs(data_dir, [*gone, *tmp_files])
 
     manifest = PersistManifest(
@@ -814,7 +863,7 @@ def _swap_in(staging: Path, live_root: Path, entries: dict[str, Entry]) -> None:
         os.replace(staging / p, live_root / p)
     gone = [p for p in existing if p not in entries]
     for p in gone:
-        (live_root / p).unlink(missing_ok=True)
+        remove(live_root, p)
     prune_empty_dirs(live_root, gone)
 
 

@@ -77,7 +77,9 @@ class Progress:
         elapsed = max((now if now is not None else self.clock()) - self._start, 1e-9)
         rate = self.bytes / elapsed
         files = f"{self.files}/{self.total_files}" if self.total_files is not None else str(self.files)
-        size = f"{_mib(self.bytes)}/{_mib(self.total_bytes)}" if self.total_bytes else _mib(self.bytes)
+        size = (
+            f"{self.bytes / (1 << 20):.1f}/{_mib(self.total_bytes)}" if self.total_bytes else _mib(self.bytes)
+        )
         text = f"{self.label}: {files} files, {size}, {_mib(rate)}/s"
         if self.total_bytes and rate > 0 and self.bytes < self.total_bytes:
             text += f", ETA {_duration((self.total_bytes - self.bytes) / rate)}"

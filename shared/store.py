@@ -4,11 +4,10 @@ Layout, behind a small storage interface (`Backend`; `DirectoryBackend` for a lo
 
     blobs/ab/cd/<sha256>       file contents, content-addressed, written once and never changed
     snapshots/<id>.json        one manifest per snapshot, written atomically after all of its blobs
-    tmp/                       half-written blobs of interrupted runs (removed by prune)
     lock.json                  the store lock (shared.locks), outside the Backend
 
-A snapshot id sorts by time and carries a label: `20261123T051200Z-1a2b-nightly`. A crash leaves orphan blobs for
-prune, never a manifest naming a missing blob. Manifests are validated before use: a path that is absolute, has
+A snapshot id sorts by time and carries a label: `20261123T051200Z-1a2b-nightly`. A crash leaves orphan blobs and
+temp files (`.*.tmtmp-*`) for prune, never a manifest naming a missing blob. Manifests are validated before use: a path that is absolute, has
 `..`, is listed twice, or a link leaving the root makes the whole snapshot refused, with nothing written.
 
 For export/import (shared/archive.py) the store offers a streaming read, `iter_files()`, and two ways in:
@@ -132,7 +131,16 @@ class DirectoryBackend:
                 yield f"{rel}/{f}"
 
     def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        path = self._path(name)
+        path.unlink(missing_ok=True)
+        # Drop fan-out directories left empty, so a rolled-back import leaves no trace.
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
     def write_atomic(self, name: str, data: bytes) -> None:
         write_bytes(self._path(name), data)
@@ -145,7 +153,7 @@ class DirectoryBackend:
         return True
 
     def write_content(self, src: BinaryIO, name_for: Callable[[str], str]) -> tuple[str, int, bool]:
-        tmp = tmp_path(self.root / "tmp" / "incoming")
+        tmp = tmp_path(self.root / "blobs" / "incoming")
         size, sha = write_stream(tmp, src, mode=0o444)
         final = self._path(name_for(sha))
         if final.is_file():
@@ -832,7 +840,7 @@ class Store:
                 touched.add((data_dir / p).parent)
             gone = [p for p in existing if p not in snap.files]
             for p in gone:
-                (data_dir / p).unlink(missing_ok=True)
+                mirror.remove(data_dir, p)
             mirror.prune_empty_dirs(data_dir, gone)
             for d in touched:
                 with contextlib.suppress(FileNotFoundError):
@@ -863,9 +871,7 @@ class Store:
                     for side in database.sidecars(data_dir / p):
                         side.unlink(missing_ok=True)
             for p in doomed:
-                with contextlib.suppress(FileNotFoundError):
-                    freed += (data_dir / p).lstat().st_size
-                    (data_dir / p).unlink()
+                freed += mirror.remove(data_dir, p)
             mirror.prune_empty_dirs(data_dir, doomed)
             left = mirror.rebuild_manifest(data_dir, origin="reset")
         return {
@@ -923,7 +929,6 @@ class Store:
                         temp.append(name)
                     elif name.rsplit("/", 1)[-1] not in referenced:
                         garbage.append(name)
-            temp += [n for n in self.backend.list("tmp/")]
             temp += [n for n in self.backend.list("snapshots/") if is_tmp(n)]
             freed = 0
             for name in garbage:

@@ -243,6 +243,34 @@ def make_root(
     }
 
 
+def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything under `root` (hidden files, dirs and links included): to prove that nothing was written."""
+    import hashlib
+
+    out: dict[str, tuple[Any, ...]] = {}
+    root = Path(root)
+    if not root.exists():
+        return out
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode)
+            else:
+                out[rel] = (
+                    "file",
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_mode,
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                )
+    return out
+
+
 def counter_values(db: Path) -> list[int]:
     with sqlite3.connect(db) as conn:
         return [r[0] for r in conn.execute("SELECT n FROM counter ORDER BY n")]
