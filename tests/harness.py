@@ -1,0 +1,102 @@
+"""Test plumbing for the server tests: the stand-in Tabby as a process or as a `tabby` on PATH, ports, polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STANDIN = Path(__file__).resolve().parent / "standin_tabby.py"
+TOKEN = "standin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005, what: str = "condition"
+) -> Any:
+    """Call `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def tabby_wrapper(directory: Path) -> Path:
+    """An executable `tabby` in `directory` that runs the stand-in with this Python."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tabby"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def standin_command(port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(STANDIN),
+        "serve",
+        "--model",
+        "TabbyML/StarCoder-1B",
+        "--chat-model",
+        "TabbyML/Qwen2-1.5B-Instruct",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+class Standin:
+    """The stand-in running as a plain process (for proxy tests): `with Standin(tmp) as s: s.url`."""
+
+    def __init__(self, root: Path, **env: str) -> None:
+        self.root = root
+        self.port = free_port()
+        self.env = {**os.environ, "TABBY_ROOT": str(root), "STANDIN_CHILD": "0", **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Standin:
+        self.proc = subprocess.Popen(
+            standin_command(self.port), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        poll(lambda: port_open(self.port) or self.proc.poll() is not None, 15, what="stand-in port")
+        assert self.proc.poll() is None, "stand-in exited"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/debug/stats", timeout=5) as r:
+            return json.loads(r.read())

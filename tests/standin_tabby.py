@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""A stand-in for `tabby serve`: same flags, same start-up shape, the HTTP surface our proxy and guard care about.
+
+Run as `python tests/standin_tabby.py serve --model ... --port P` (tests put a `tabby` wrapper on PATH that does
+this with the test's Python). Like Tabby it prints a spinner while "loading models" (STANDIN_LOAD_SECONDS),
+spawns a child (`llama-server`), opens a WAL SQLite at $TABBY_ROOT/ee/db.sqlite with a `users` table, and only
+then binds its port. Like axum/hyper it drops a request's handler when the client goes away.
+
+Environment knobs (all optional):
+  STANDIN_TOKEN               bearer token accepted on /v1/* (also any users.auth_token); default "standin-token"
+  STANDIN_LOAD_SECONDS        seconds of "loading" before the bind (default 0)
+  STANDIN_SPINNER             "lines" (one line per frame, as in non-TTY logs) or "cr" (frames end with \\r)
+  STANDIN_CRASH_AT_START=N    exit with code N while loading
+  STANDIN_HANG=1              never bind (spin forever)
+  STANDIN_IGNORE_TERM=1       ignore SIGTERM (stop must escalate to SIGKILL)
+  STANDIN_CHILD=0             do not spawn the llama-server child
+  STANDIN_CHILD_PIDFILE=PATH  write the child's pid there
+  STANDIN_CHILD_IGNORE_TERM=1 the child ignores SIGTERM
+  STANDIN_SSE_EVENTS / STANDIN_SSE_INTERVAL_MS   default chat stream shape (5 events, 10 ms apart)
+
+Debug endpoints (no auth): /debug/stats, /debug/echo, /debug/cookies, /debug/download, /debug/slow, /debug/json,
+/debug/abort, /debug/idle, /debug/register; chat bodies may carry {"events", "interval_ms", "crash_after",
+"abort_after"}; a websocket text "close:<code>:<reason>" makes the server close with that code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, email VARCHAR(150) NOT NULL UNIQUE,
+    is_admin BOOLEAN NOT NULL DEFAULT 0, auth_token VARCHAR(128) NOT NULL UNIQUE,
+    created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE IF NOT EXISTS user_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, created_at INTEGER NOT NULL);
+"""
+
+STATS: dict = {
+    "requests": 0,
+    "chat_events": 0,
+    "chat_streams": 0,
+    "chat_cancelled": 0,
+    "slow_open": 0,
+    "slow_cancelled": 0,
+    "slow_done": 0,
+    "ws_closes": [],
+    "child_pid": None,
+}
+
+
+def spin(seconds: float, style: str, hang: bool, crash: int | None) -> None:
+    start = time.monotonic()
+    i = 0
+    end = "\r" if style == "cr" else "\n"
+    while hang or crash is not None or time.monotonic() - start < seconds or i == 0:
+        elapsed = time.monotonic() - start
+        sys.stdout.write(f"{SPINNER[i % len(SPINNER)]} {elapsed:8.3f} s\tStarting...{end}")
+        sys.stdout.flush()
+        i += 1
+        if crash is not None and i >= 3:
+            print(f"\nERROR: failed to load model (stand-in crash at {time.monotonic():.6f})", flush=True)
+            sys.exit(crash)
+        time.sleep(0.08 if seconds >= 0.08 or hang else max(seconds, 0.001))
+    if style == "cr":
+        sys.stdout.write("\n")
+
+
+def spawn_child() -> subprocess.Popen | None:
+    if os.environ.get("STANDIN_CHILD", "1") == "0":
+        return None
+    ignore = os.environ.get("STANDIN_CHILD_IGNORE_TERM") == "1"
+    code = (
+        "import signal, sys, time\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore else "")
+        + "print('llama-server: listening (stand-in)', flush=True)\n"
+        + "while True: time.sleep(60)\n"
+    )
+    # Same process group, stdout inherited: like Tabby's llama-server (kill_on_drop does not fire on a signal death).
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+    STATS["child_pid"] = child.pid
+    pidfile = os.environ.get("STANDIN_CHILD_PIDFILE")
+    if pidfile:
+        Path(pidfile).write_text(str(child.pid))
+    return child
+
+
+def open_db(root: Path) -> sqlite3.Connection:
+    ee = root / "ee"
+    ee.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(ee / "db.sqlite", check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class Standin:
+    def __init__(self, args: argparse.Namespace, root: Path, db: sqlite3.Connection) -> None:
+        self.args = args
+        self.root = root
+        self.db = db
+        self.token = os.environ.get("STANDIN_TOKEN", "standin-token")
+        self.sse_events = int(os.environ.get("STANDIN_SSE_EVENTS", "5"))
+        self.sse_interval = float(os.environ.get("STANDIN_SSE_INTERVAL_MS", "10")) / 1000
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def authorized(self, request: web.Request) -> bool:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return False
+        token = auth[7:].strip()
+        if token == self.token:
+            return True
+        row = self.db.execute("SELECT 1 FROM users WHERE auth_token = ?", (token,)).fetchone()
+        return row is not None
+
+    def event(self, kind: str) -> None:
+        self.db.execute("INSERT INTO user_events(kind, created_at) VALUES (?, ?)", (kind, int(time.time())))
+        events = self.root / "events" / (time.strftime("%Y-%m-%d", time.gmtime()) + ".json")
+        events.parent.mkdir(parents=True, exist_ok=True)
+        with open(events, "a") as f:
+            f.write(json.dumps({"kind": kind, "ts": time.time()}) + "\n")
+
+    # --- middleware ----------------------------------------------------------------------------------------
+    @web.middleware
+    async def auth(self, request: web.Request, handler):
+        STATS["requests"] += 1
+        if request.path.startswith(("/v1/", "/v1beta/")) and not self.authorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    # --- Tabby's routes ------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "model": self.args.model,
+                "chat_model": self.args.chat_model,
+                "device": self.args.device,
+                "arch": "x86_64",
+                "version": {"build_date": "2026-01-25", "git_describe": "v0.32.0-standin"},
+            }
+        )
+
+    async def completions(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.event("completion")
+        prompt = (body.get("segments") or {}).get("prefix", "")
+        return web.json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4()}",
+                "choices": [{"index": 0, "text": f"    return {len(prompt)}\n"}],
+            }
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else {}
+        events = int(body.get("events", self.sse_events))
+        interval = float(body.get("interval_ms", self.sse_interval * 1000)) / 1000
+        crash_after = body.get("crash_after")
+        abort_after = body.get("abort_after")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        STATS["chat_streams"] += 1
+        try:
+            for i in range(events):
+                if crash_after is not None and i >= int(crash_after):
+                    os._exit(3)
+                if abort_after is not None and i >= int(abort_after):
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                STATS["chat_events"] += 1
+                chunk = {"id": "chat", "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if interval:
+                    await asyncio.sleep(interval)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            STATS["chat_cancelled"] += 1
+            raise
+        self.event("chat")
+        return resp
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text="# HELP tabby_up stand-in\ntabby_up 1\n", content_type="text/plain")
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("graphql-transport-ws", "graphql-ws"), compress=False)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                if msg.data.startswith("close:"):
+                    _, code, reason = msg.data.split(":", 2)
+                    await ws.close(code=int(code), message=reason.encode())
+                    break
+                try:
+                    doc = json.loads(msg.data)
+                except ValueError:
+                    doc = None
+                if isinstance(doc, dict) and doc.get("type") == "connection_init":
+                    await ws.send_str(json.dumps({"type": "connection_ack"}))
+                elif isinstance(doc, dict) and doc.get("type") == "ping":
+                    await ws.send_str(json.dumps({"type": "pong"}))
+                else:
+                    await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        STATS["ws_closes"].append([ws.close_code, request.path])
+        return ws
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=f"<html><body>stand-in {request.path}</body></html>", content_type="text/html"
+        )
+
+    # --- debug routes --------------------------------------------------------------------------------------
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(STATS)
+
+    async def echo(self, request: web.Request) -> web.Response:
+        h = hashlib.sha256()
+        n = 0
+        async for chunk in request.content.iter_any():
+            h.update(chunk)
+            n += len(chunk)
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+                "body_bytes": n,
+                "body_sha256": h.hexdigest(),
+                "chunked": request.headers.get("Transfer-Encoding", "").lower() == "chunked",
+            }
+        )
+
+    async def cookies(self, request: web.Request) -> web.Response:
+        resp = web.Response(text="two cookies")
+        resp.headers.add("Set-Cookie", "a=1; Path=/; HttpOnly")
+        resp.headers.add("Set-Cookie", "b=2; Path=/; Expires=Wed, 21 Oct 2037 07:28:00 GMT")
+        resp.headers.add("X-Multi", "one")
+        resp.headers.add("X-Multi", "two")
+        resp.headers["Connection"] = "keep-alive, X-Hop"
+        resp.headers["X-Hop"] = "hop-by-hop"
+        resp.headers["Keep-Alive"] = "timeout=5"
+        return resp
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        total = int(request.query.get("bytes", "1048576"))
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = total
+        await resp.prepare(request)
+        block = b"x" * 65536
+        left = total
+        while left:
+            n = min(left, len(block))
+            await resp.write(block[:n])
+            left -= n
+        await resp.write_eof()
+        return resp
+
+    async def slow(self, request: web.Request) -> web.Response:
+        STATS["slow_open"] += 1
+        try:
+            await asyncio.sleep(float(request.query.get("ms", "5000")) / 1000)
+        except asyncio.CancelledError:
+            STATS["slow_cancelled"] += 1
+            raise
+        finally:
+            STATS["slow_open"] -= 1
+        STATS["slow_done"] += 1
+        return web.json_response({"slow": True})
+
+    async def small_json(self, request: web.Request) -> web.Response:
+        items = [{"id": i, "name": f"item-{i}", "score": i * 0.5} for i in range(24)]
+        return web.json_response({"items": items})
+
+    async def abort(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b"y" * 100)
+        await asyncio.sleep(0.01)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    async def idle(self, request: web.Request) -> web.StreamResponse:
+        gap = float(request.query.get("gap_ms", "1000")) / 1000
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await asyncio.sleep(gap)
+        await resp.write(b"data: second\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def register(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        token = f"auth_{uuid.uuid4().hex}"
+        count = self.db.execute("SELECT count(*) FROM users").fetchone()[0]
+        self.db.execute(
+            "INSERT INTO users(email, is_admin, auth_token) VALUES (?, ?, ?)",
+            (body.get("email", f"user{count}@example.com"), int(count == 0), token),
+        )
+        return web.json_response({"auth_token": token, "is_admin": count == 0})
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.auth], client_max_size=1 << 30)
+        r = app.router
+        r.add_route("*", "/v1/health", self.health)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/v1beta/chat/completions", self.chat)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/subscriptions", self.websocket)
+        r.add_get("/hub", self.websocket)
+        r.add_get("/debug/stats", self.stats)
+        r.add_route("*", "/debug/echo{tail:.*}", self.echo)
+        r.add_get("/debug/cookies", self.cookies)
+        r.add_get("/debug/download", self.download)
+        r.add_get("/debug/slow", self.slow)
+        r.add_get("/debug/json", self.small_json)
+        r.add_get("/debug/abort", self.abort)
+        r.add_get("/debug/idle", self.idle)
+        r.add_post("/debug/register", self.register)
+        r.add_get("/", self.page)
+        r.add_get("/auth/signup", self.page)
+        r.add_get("/auth/signin", self.page)
+        return app
+
+
+async def serve(args: argparse.Namespace, standin: Standin) -> None:
+    runner = web.AppRunner(standin.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    await site.start()
+    print(f"Listening at {args.host}:{args.port}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="tabby")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--model", required=True)
+    s.add_argument("--chat-model")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--parallelism", type=int, default=1)
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8080)
+    args = ap.parse_args()
+
+    if os.environ.get("STANDIN_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    root = Path(os.environ.get("TABBY_ROOT") or Path.home() / ".tabby")
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)  # as Tabby does for every subcommand
+    print(f"Writing to new file {root / 'events'}", flush=True)
+    spawn_child()
+    crash = os.environ.get("STANDIN_CRASH_AT_START")
+    spin(
+        float(os.environ.get("STANDIN_LOAD_SECONDS", "0")),
+        os.environ.get("STANDIN_SPINNER", "lines"),
+        os.environ.get("STANDIN_HANG") == "1",
+        int(crash) if crash else None,
+    )
+    db = open_db(root)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args, Standin(args, root, db)))
+
+
+if __name__ == "__main__":
+    main()
