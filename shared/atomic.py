@@ -7,11 +7,16 @@ walker skips and the cleaners remove), never a torn file under the final name.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
+import io
+import mmap
 import os
 import posixpath
 import re
 import secrets
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +42,32 @@ def is_tmp(name: str) -> bool:
 def tmp_path(path: Path) -> Path:
     """A unique temp name next to `path`, so the final rename never crosses filesystems."""
     return path.with_name(f".{path.name[:100]}{TMP_MARK}{secrets.token_hex(4)}")
+
+
+def sync_fs(path: Path) -> None:
+    """One durability barrier for everything written on `path`'s filesystem (syncfs; sync where it is missing)."""
+    fn = _syncfs()
+    if fn is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fn(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+_SYNCFS: list = []
+
+
+def _syncfs():  # type: ignore[no-untyped-def]
+    if not _SYNCFS:
+        try:
+            _SYNCFS.append(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs)
+        except (OSError, AttributeError, TypeError):
+            _SYNCFS.append(None)
+    return _SYNCFS[0]
 
 
 def fsync_dir(path: Path) -> None:
@@ -81,6 +112,51 @@ def _pump(src: BinaryIO, dst: BinaryIO | None, h: hashlib._Hash) -> int:
         total += n
 
 
+def _kernel_copy(src: BinaryIO, out: BinaryIO) -> int | None:
+    """Copy a regular file's remaining bytes into `out` inside the kernel; None where that is not possible."""
+    try:
+        fd_in = src.fileno()
+        if not stat.S_ISREG(os.fstat(fd_in).st_mode):
+            return None
+        start = src.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    fd_out, pos = out.fileno(), 0
+    while True:
+        try:
+            n = os.copy_file_range(fd_in, fd_out, 1 << 30, start + pos, pos)
+        except OSError:
+            if pos:
+                raise
+            return None  # unsupported here (some network and FUSE filesystems): plain reads and writes
+        if n == 0:
+            return pos
+        pos += n
+
+
+def _hash_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    if size:
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            h.update(mm)
+    return h.hexdigest()
+
+
+def _fill(src: BinaryIO, out: BinaryIO) -> tuple[int, str]:
+    """Write the rest of `src` into the fresh file `out`; (size, sha256 of what `out` now holds).
+
+    Regular files go through copy_file_range, and the hash is taken from `out` afterwards, not from `src`: if the
+    source changes meanwhile (a live file), the hash still describes exactly the bytes written.
+    """
+    size = _kernel_copy(src, out)
+    if size is not None:
+        return size, _hash_fd(out.fileno(), size)
+    h = hashlib.sha256()
+    size = _pump(src, out, h)
+    out.flush()
+    return size, h.hexdigest()
+
+
 def hash_stream(src: BinaryIO) -> tuple[int, str]:
     """(size, sha256 hex) of everything left in `src`."""
     h = hashlib.sha256()
@@ -97,6 +173,39 @@ def sha256_file(path: Path) -> str:
     return hash_file(path)[1]
 
 
+def write_temp(
+    dst: Path,
+    src: BinaryIO,
+    *,
+    expect_sha256: str | None = None,
+    mode: int | None = None,
+    mtime_ns: int | None = None,
+    durable: bool = True,
+) -> tuple[Path, int, str]:
+    """Write the rest of `src` to a temp file next to `dst`, unpublished; returns (temp path, size, sha256).
+
+    The caller renames it into place (after its own durability barrier when `durable=False`). With
+    `expect_sha256`, a mismatch raises HashMismatch and the temp file is gone.
+    """
+    ensure_dir(dst.parent, durable=durable)
+    tmp = tmp_path(dst)
+    try:
+        with open(tmp, "x+b", buffering=0) as out:
+            size, digest = _fill(src, out)
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)
+            if durable:
+                os.fsync(out.fileno())
+        if expect_sha256 is not None and digest != expect_sha256:
+            raise HashMismatch(f"{dst.name}: content hashes to {digest[:12]}, expected {expect_sha256[:12]}")
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, size, digest
+
+
 def write_stream(
     dst: Path,
     src: BinaryIO,
@@ -109,24 +218,12 @@ def write_stream(
     """Publish the rest of `src` at `dst` atomically; returns (size, sha256).
 
     With `expect_sha256`, a mismatch raises HashMismatch and nothing is published. `durable=False` skips the fsyncs
-    (for scratch trees such as a container's local disk, where a crash loses the disk anyway).
+    (for scratch trees such as a container's local disk, or when the caller puts one `sync_fs` barrier after many).
     """
-    ensure_dir(dst.parent, durable=durable)
-    tmp = tmp_path(dst)
+    tmp, size, digest = write_temp(
+        dst, src, expect_sha256=expect_sha256, mode=mode, mtime_ns=mtime_ns, durable=durable
+    )
     try:
-        with open(tmp, "xb") as out:
-            h = hashlib.sha256()
-            size = _pump(src, out, h)
-            out.flush()
-            if mode is not None:
-                os.fchmod(out.fileno(), mode)
-            if durable:
-                os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if expect_sha256 is not None and digest != expect_sha256:
-            raise HashMismatch(f"{dst.name}: content hashes to {digest[:12]}, expected {expect_sha256[:12]}")
-        if mtime_ns is not None:
-            os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
 Layout, behind a small storage interface (`Backend`; `DirectoryBackend` for a local folder or a mounted Volume):
 
-    blobs/ab/cd/<sha256>       file contents, content-addressed, written once and never changed
+    blobs/ab/<sha256>          file contents, content-addressed, written once and never changed
     snapshots/<id>.json        one manifest per snapshot, written atomically after all of its blobs
     lock.json                  the store lock (shared.locks), outside the Backend
 
@@ -27,6 +27,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +48,10 @@ from shared.atomic import (
     inside,
     is_tmp,
     make_link,
-    tmp_path,
+    sync_fs,
     write_bytes,
     write_stream,
+    write_temp,
 )
 from shared.locks import StoreLock
 from shared.mirror import Entry
@@ -61,6 +63,22 @@ SCOPES = {"all": ("",), "auth": ("ee/",), "index": ("index/", "repositories/")}
 TMP_STAGING = "-staging-"
 BUSY_WINDOW = 120.0  # a persist this recent means a server may be running: restore/reset want --force
 PENDING_WAIT = 30.0  # how long a snapshot waits for a persist running on this host to finish
+
+
+BATCH_BYTES = 2 << 30  # data written between two durability barriers
+
+
+def _chunks(items: list[Any], size_of: Callable[[Any], int] = lambda e: e.size) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    total = 0
+    for item in items:
+        chunk.append(item)
+        total += size_of(item)
+        if total >= BATCH_BYTES:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
 
 
 class UnknownSnapshot(StateError):
@@ -104,12 +122,55 @@ class Backend(Protocol):
         """Store a stream whose hash is not known yet under `name_for(sha256)`; returns (sha256, size, created)."""
         ...
 
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Objects written inside the block appear together when it ends, after one durability barrier instead of
+        one per object; if the block raises, none appears. Not visible to `exists`/`read` before the end."""
+        ...
+
 
 class DirectoryBackend:
     """A plain directory: a local folder, or a mounted Modal Volume (the caller commits it)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._pending: list[tuple[Path, Path]] | None = None  # (temp, final) inside a batch
+        self._names: set[Path] = set()
+        self._mutex = threading.Lock()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        if self._pending is not None:  # nested: part of the outer batch
+            yield
+            return
+        self._pending, self._names = [], set()
+        try:
+            yield
+            if self._pending:
+                # Data on disk before any final name exists: a crash leaves temp files, never a torn blob.
+                sync_fs(self.root)
+                for tmp, final in self._pending:
+                    ensure_dir(final.parent, durable=False)
+                    os.replace(tmp, final)
+                sync_fs(self.root)
+        except BaseException:
+            for tmp, _ in self._pending:
+                tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self._pending, self._names = None, set()
+
+    def _claim(self, path: Path) -> bool:
+        """Inside a batch: reserve a final name (False if this batch already writes it)."""
+        with self._mutex:
+            if path in self._names:
+                return False
+            self._names.add(path)
+            return True
+
+    def _stage(self, tmp: Path, path: Path) -> None:
+        with self._mutex:
+            assert self._pending is not None
+            self._pending.append((tmp, path))
 
     def _path(self, name: str) -> Path:
         return self.root / check_relpath(name)
@@ -149,16 +210,30 @@ class DirectoryBackend:
         path = self._path(name)
         if path.is_file():
             return False
-        write_stream(path, src, expect_sha256=sha256, mode=0o444)
+        if self._pending is None:
+            write_stream(path, src, expect_sha256=sha256, mode=0o444)
+            return True
+        if not self._claim(path):
+            return False
+        try:
+            tmp, _, _ = write_temp(path, src, expect_sha256=sha256, mode=0o444, durable=False)
+        except BaseException:
+            with self._mutex:
+                self._names.discard(path)
+            raise
+        self._stage(tmp, path)
         return True
 
     def write_content(self, src: BinaryIO, name_for: Callable[[str], str]) -> tuple[str, int, bool]:
-        tmp = tmp_path(self.root / "blobs" / "incoming")
-        size, sha = write_stream(tmp, src, mode=0o444)
+        batched = self._pending is not None
+        tmp, size, sha = write_temp(self.root / "blobs" / "incoming", src, mode=0o444, durable=not batched)
         final = self._path(name_for(sha))
-        if final.is_file():
+        if final.is_file() or (batched and not self._claim(final)):
             tmp.unlink()
             return sha, size, False
+        if batched:
+            self._stage(tmp, final)
+            return sha, size, True
         ensure_dir(final.parent)
         os.replace(tmp, final)
         fsync_dir(final.parent)
@@ -166,7 +241,8 @@ class DirectoryBackend:
 
 
 def blob_name(sha256: str) -> str:
-    return f"blobs/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+    # One level of fan-out: 256 directories at most (a Volume counts every directory against its inode budget).
+    return f"blobs/{sha256[:2]}/{sha256}"
 
 
 def snapshot_name(snapshot_id: str) -> str:
@@ -496,8 +572,10 @@ class Store:
             prog.add(1, e.size)
             return e.size
 
-        with ThreadPoolExecutor(mirror.WORKERS) as pool:
-            written = list(pool.map(put, todo))
+        written: list[int] = []
+        for chunk in _chunks(todo):
+            with self.backend.batch(), ThreadPoolExecutor(mirror.WORKERS) as pool:
+                written += pool.map(put, chunk)
         prog.finish()
         source = {
             "persist_time": mirror.iso(manifest.time_unix),
@@ -521,7 +599,7 @@ class Store:
         }
         checks: dict[str, str] = {}
         new_blobs = new_bytes = 0
-        with tempfile.TemporaryDirectory(prefix="tabby-modal-snap-") as work:
+        with tempfile.TemporaryDirectory(prefix="tabby-modal-snap-") as work, self.backend.batch():
             for p in dbs:
                 copy = Path(work) / p.replace("/", "_")
                 res = database.backup(root / p, copy, private_copy=True, check="full", durable=False)
@@ -550,12 +628,13 @@ class Store:
                 return p, Entry(p, size, nodes[p].mtime_ns, nodes[p].mode, sha), created, size
             raise StateError(f"{p} keeps changing while it is read; stop the writer and retry")
 
-        with ThreadPoolExecutor(mirror.WORKERS) as pool:
-            for p, entry, created, size in pool.map(put, plain):
-                if entry is not None:
-                    files[p] = entry
-                    new_blobs += created
-                    new_bytes += size if created else 0
+        for chunk in _chunks(plain, size_of=lambda p: nodes[p].size):
+            with self.backend.batch(), ThreadPoolExecutor(mirror.WORKERS) as pool:
+                for p, entry, created, size in pool.map(put, chunk):
+                    if entry is not None:
+                        files[p] = entry
+                        new_blobs += created
+                        new_bytes += size if created else 0
         prog.finish()
         out = self._publish(files, checks, label, consistency, {}, new_blobs, new_bytes, started)
         if skipped:
@@ -811,14 +890,17 @@ class Store:
             def lay(e: Entry) -> None:
                 dst = staging / e.path
                 if e.link is not None:
-                    make_link(dst, e.link)
+                    make_link(dst, e.link, durable=False)
                     return
                 with self.backend.read(blob_name(e.sha256 or "")) as f:
-                    write_stream(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
+                    write_stream(
+                        dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns, durable=False
+                    )
                 prog.add(1, e.size)
 
             with ThreadPoolExecutor(mirror.WORKERS) as pool:
                 list(pool.map(lay, snap.files.values()))
+            sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
             for p, e in snap.files.items():
                 if e.link is not None and not inside(staging, staging / p):
                     raise StateError(f"refused: link {p} leaves the root")
