@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -9,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,41 @@ class Standin:
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/debug/stats", timeout=5) as r:
             return json.loads(r.read())
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any, kind: str = "asgi_host", *, lifespan: bool = True) -> AsyncIterator[str]:
+    """Serve an ASGI app on 127.0.0.1 with our aiohttp host or uvicorn; yields its base URL."""
+    if kind == "asgi_host":
+        from shared.asgi_host import AsgiHost
+
+        host = AsgiHost(app, "127.0.0.1", 0, lifespan=lifespan)
+        await host.start()
+        try:
+            yield host.url
+        finally:
+            await host.stop()
+        return
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on" if lifespan else "off",
+        log_level="critical",
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if task.done() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        await asyncio.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

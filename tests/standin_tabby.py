@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -60,6 +61,8 @@ STATS: dict = {
     "slow_cancelled": 0,
     "slow_done": 0,
     "ws_closes": [],
+    "ws_headers": [],
+    "upload_bytes": 0,
     "child_pid": None,
 }
 
@@ -201,7 +204,9 @@ class Standin:
         return web.Response(text="# HELP tabby_up stand-in\ntabby_up 1\n", content_type="text/plain")
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("graphql-transport-ws", "graphql-ws"), compress=False)
+        STATS["ws_headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
+        # compress=True: like a server that does negotiate permessage-deflate when asked (the proxy must not ask).
+        ws = web.WebSocketResponse(protocols=("graphql-transport-ws", "graphql-ws"), compress=True)
         await ws.prepare(request)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -239,6 +244,7 @@ class Standin:
         async for chunk in request.content.iter_any():
             h.update(chunk)
             n += len(chunk)
+            STATS["upload_bytes"] += len(chunk)
         return web.json_response(
             {
                 "method": request.method,
@@ -260,6 +266,10 @@ class Standin:
         resp.headers["X-Hop"] = "hop-by-hop"
         resp.headers["Keep-Alive"] = "timeout=5"
         return resp
+
+    async def gzipped(self, request: web.Request) -> web.Response:
+        body = gzip.compress(b"compressed " * 100)
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         total = int(request.query.get("bytes", "1048576"))
@@ -335,6 +345,7 @@ class Standin:
         r.add_route("*", "/debug/echo{tail:.*}", self.echo)
         r.add_get("/debug/cookies", self.cookies)
         r.add_get("/debug/download", self.download)
+        r.add_get("/debug/gzip", self.gzipped)
         r.add_get("/debug/slow", self.slow)
         r.add_get("/debug/json", self.small_json)
         r.add_get("/debug/abort", self.abort)
