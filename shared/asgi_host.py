@@ -232,7 +232,8 @@ class AsgiHost:
                 await self.app(scope, self._to_app.get, self._from_app.put)
             except Exception as err:  # apps without lifespan support raise: that is allowed
                 log.debug("lifespan not supported by the app: %s", err)
-                await self._from_app.put({"type": "lifespan.unsupported"})
+            # Returning (or raising) without a reply also means "no lifespan"; after a reply this is never read.
+            await self._from_app.put({"type": "lifespan.unsupported"})
 
         self._lifespan_task = asyncio.ensure_future(run())
         await self._to_app.put({"type": "lifespan.startup"})
