@@ -1,0 +1,244 @@
+"""The runtime composition: hydrate -> start Tabby -> serve -> persist every N s -> stop, persist, commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shared import mirror
+from shared.server import TabbyServer
+from shared.settings import load_settings
+from shared.supervisor import group_members
+from tests.harness import TOKEN, free_port, poll, serve_asgi, tabby_wrapper
+from tests.standin_tabby import SCHEMA
+
+SETUP = "6f1c1b7e-3a52-4d0e-9a55-2f8d0c6c3c11"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def users(db: Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in conn.execute("SELECT email FROM users ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def seed_data_dir(tmp: Path, data: Path, emails: list[str]) -> None:
+    """A data dir as a previous server left it: a persisted root whose DB has these users."""
+    root = tmp / "seed-root"
+    (root / "ee").mkdir(parents=True)
+    conn = sqlite3.connect(root / "ee/db.sqlite")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    for i, email in enumerate(emails):
+        conn.execute(
+            "INSERT INTO users(email, is_admin, auth_token) VALUES (?, ?, ?)",
+            (email, int(i == 0), f"auth_{i}"),
+        )
+    conn.commit()
+    conn.close()
+    (root / "events").mkdir()
+    (root / "events/2026-01-01.json").write_text('{"old": true}\n')
+    mirror.persist(root, data)
+
+
+class Harness:
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> None:
+        for key, value in overrides.pop("standin_env", {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("STANDIN_CHILD_PIDFILE", str(tmp / "child.pid"))
+        self.settings = load_settings(
+            env_file=None,
+            internal_port=free_port(),
+            model_cache=str(tmp / "models"),
+            device="cpu",
+            persist_interval=overrides.pop("persist_interval", 3600),
+            startup_timeout=overrides.pop("startup_timeout", 20),
+        )
+        self.data = tmp / "data"
+        self.live = tmp / "live"
+        self.commits: list[float] = []
+        self.server = TabbyServer(
+            self.settings,
+            data_dir=self.data,
+            live_root=self.live,
+            tabby_bin=str(tabby_wrapper(tmp / "bin")),
+            jwt_secret="00000000-0000-4000-8000-000000000000",
+            setup_token=SETUP,
+            commit=lambda: self.commits.append(time.monotonic()),
+            grace=2.0,
+            **overrides,
+        )
+
+    def request(self, method: str, path: str, **kw: Any) -> tuple[int, dict[str, str], Any]:
+        async def go():
+            async with (
+                serve_asgi(self.server.app()) as url,
+                aiohttp.ClientSession() as c,
+                c.request(method, url + path, **kw) as r,
+            ):
+                body = await r.json() if r.content_type == "application/json" else await r.text()
+                return r.status, dict(r.headers), body
+
+        return asyncio.run(go())
+
+
+@pytest.fixture
+def harness(tmp_path, monkeypatch, no_modal_env):
+    made: list[Harness] = []
+
+    def make(**overrides: Any) -> Harness:
+        h = Harness(tmp_path, monkeypatch, **overrides)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.server.stop()
+
+
+def test_hydrate_start_serve_then_persist_and_commit_on_stop(tmp_path, harness):
+    h = harness()
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    assert h.server.start() is True
+    assert h.server.state == "ready"
+    # Tabby runs on the hydrated root: its DB holds the persisted owner, so the guard is open.
+    assert users(h.live / "ee/db.sqlite") == ["owner@example.com"]
+    assert (h.live / "events/2026-01-01.json").exists()
+    status, _, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 200 and body["device"] == "cpu"
+    status, _, _ = h.request("POST", "/debug/register", json={"email": "second@example.com"})
+    assert status == 200
+    assert h.commits == []  # interval is an hour: nothing persisted yet
+    result = h.server.stop()
+    assert result is not None and result["wrote_manifest"] and result["committed"]
+    assert len(h.commits) == 1
+    assert h.server.state == "stopped"
+    assert h.server.supervisor.exited()
+    # The data dir now has the new user, checked through a fresh hydrate elsewhere.
+    again = tmp_path / "again"
+    mirror.hydrate(h.data, again)
+    assert users(again / "ee/db.sqlite") == ["owner@example.com", "second@example.com"]
+    assert h.server.stop() is result  # idempotent
+
+
+def test_persists_every_interval_with_a_commit_each_time(tmp_path, harness):
+    h = harness(persist_interval=1)
+    assert h.server.start()
+    started = time.monotonic()
+    poll(lambda: len(h.commits) >= 2, 6, what="two periodic persists")
+    assert h.commits[0] - started >= 0.9  # not before the first interval
+    assert h.server.persist_count >= 2
+    assert (h.data / mirror.MANIFEST).exists()
+    h.server.stop()
+    assert len(h.commits) >= 3  # plus the one at stop
+
+
+def test_fresh_instance_is_locked_by_the_guard_until_claimed(tmp_path, harness):
+    h = harness()
+    assert h.server.start()
+    status, _, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 403 and "/_setup?token=" in body["error"]
+
+
+def test_maintenance_lock_refuses_to_start_with_503(tmp_path, harness):
+    reason = ["restore of 20260101T000000Z by alice"]
+    h = harness(maintenance_check=lambda: reason[0], maintenance_recheck=0.05)
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    before = mirror.load_manifest(h.data)
+    assert h.server.start() is False
+    assert h.server.state == "maintenance" and h.server.supervisor is None
+    assert not h.live.exists()  # nothing hydrated while maintenance holds the data
+    status, headers, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503
+    assert headers["Retry-After"] == "60"
+    assert "maintenance in progress" in body["error"] and reason[0] in body["error"]
+    # When the lock goes, the next request after the recheck interval starts Tabby.
+    reason[0] = None
+    poll(lambda: (h.server.gate(), h.server.state == "ready")[1], 15, what="start after maintenance")
+    status, _, _ = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 200
+    h.server.stop()
+    assert mirror.load_manifest(h.data).seq == before.seq + 1
+
+
+def test_maintenance_at_stop_never_persists_an_unhydrated_root(tmp_path, harness):
+    h = harness(maintenance_check=lambda: "reset by bob", maintenance_recheck=3600)
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    before = (h.data / mirror.MANIFEST).read_bytes()
+    assert h.server.start() is False
+    assert h.server.stop() is None
+    assert (h.data / mirror.MANIFEST).read_bytes() == before
+    assert h.commits == []
+
+
+def test_503_while_starting_then_serves(tmp_path, harness):
+    h = harness(standin_env={"STANDIN_LOAD_SECONDS": "1.0"})
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    h.server.start_in_background()
+    poll(lambda: h.server.state == "starting", 10, what="starting")
+    status, headers, body = h.request("POST", "/v1/completions", json={}, headers=AUTH)
+    assert status == 503 and headers["Retry-After"] == "10"
+    assert "starting" in body["error"]
+    poll(lambda: h.server.state == "ready", 15, what="ready")
+    status, _, body = h.request(
+        "POST", "/v1/completions", json={"segments": {"prefix": "def f():"}}, headers=AUTH
+    )
+    assert status == 200 and body["choices"]
+
+
+def test_start_failure_is_served_as_503_not_raised(tmp_path, harness):
+    h = harness(standin_env={"STANDIN_CRASH_AT_START": "9"})
+    assert h.server.start() is False
+    assert h.server.state == "failed"
+    status, _, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503 and "exited with code 9" in body["error"]
+    h.server.stop()
+    assert h.server.state == "stopped"
+
+
+def test_hydrate_failure_keeps_the_data_dir_untouched(tmp_path, harness):
+    h = harness()
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    db = h.data / "ee/db.sqlite"
+    db.write_bytes(b"x" * db.stat().st_size)  # no longer matches its manifest
+    before = {p: p.read_bytes() for p in h.data.rglob("*") if p.is_file()}
+    assert h.server.start() is False
+    assert h.server.state == "failed" and "hydrating" in h.server.reason
+    assert h.server.supervisor is None
+    status, _, body = h.request("GET", "/", headers=AUTH)
+    assert status == 503 and "hydrating" in body["error"]
+    h.server.stop()
+    assert {p: p.read_bytes() for p in h.data.rglob("*") if p.is_file()} == before
+
+
+def test_tabby_crash_while_serving_turns_into_503(tmp_path, harness):
+    h = harness()
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    assert h.server.start()
+    with pytest.raises(aiohttp.ClientPayloadError):  # the stream in flight is cut, visibly
+        h.request("POST", "/v1/chat/completions", json={"events": 3, "crash_after": 1}, headers=AUTH)
+    poll(lambda: h.server.supervisor.exited(), 5, what="tabby exit")
+    status, _, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503 and "exited unexpectedly" in body["error"]
+
+
+def test_stop_while_starting_cancels_the_start(tmp_path, harness):
+    h = harness(standin_env={"STANDIN_HANG": "1"})
+    h.server.start_in_background()
+    pidfile = tmp_path / "child.pid"
+    child = int(poll(lambda: h.server.state == "starting" and pidfile.exists() and pidfile.read_text(), 10))
+    started = time.monotonic()
+    h.server.stop()
+    assert time.monotonic() - started < 5
+    assert h.server.state == "stopped"
+    assert not group_members(h.server.supervisor.pid)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(") ", 1)[1][0] in "ZX"  # gone, or a zombie
