@@ -1,0 +1,50 @@
+"""tabby-server: Tabby on a GPU, behind our proxy, with its state on the /data Volume.
+
+    make deploy-server        # = modal deploy -m apps.server --strategy recreate
+
+One container at most (one SQLite writer), deployed with `--strategy recreate` so an old and a new container never
+write /data together. When the container starts, it hydrates Tabby's working root on local disk from /data and
+starts `tabby serve` on 127.0.0.1; requests reach it through the proxy, which carries websockets, SSE, client
+cancellation and the owner-claim guard. Every `persist_interval` seconds and once more at shutdown the state is
+mirrored back into /data and the Volume committed. Everything that runs lives in `shared/server.py`.
+"""
+
+import modal
+
+from shared import server
+from shared.image import build_image
+from shared.settings import load_settings
+
+# Resolved here, on your machine; the container gets the same values through `env=settings.container_env()`.
+settings = load_settings()
+
+app = modal.App(settings.server_app)
+image = build_image(settings)
+
+# Tabby's state (a mirror of its root, written by the persister) and the secrets: the JWT secret, so browser
+# logins survive restarts, and the setup token that unlocks the owner claim on a fresh instance.
+data = modal.Volume.from_name(
+    settings.data_volume, create_if_missing=True, environment_name=settings.modal_environment
+)
+secret = modal.Secret.from_name(settings.secret_name, environment_name=settings.modal_environment)
+
+
+@app.cls(image=image, **server.function_options(settings, volume=data, secret=secret))
+@modal.concurrent(max_inputs=settings.max_inputs)  # one long chat stream must not hold up everyone else
+class Tabby:
+    @modal.enter()
+    def start(self) -> None:
+        # Blocks until Tabby listens (requests wait meanwhile); a failure is served as a 503 with the reason
+        # instead of crashing, so a broken start does not become a loop of GPU containers.
+        server.setup_logging()
+        self.runtime = server.for_modal(load_settings(), commit=data.commit)
+        self.runtime.start()
+
+    @modal.exit()
+    def stop(self) -> None:
+        # Stop Tabby, persist once more, commit. Modal commits the Volume again after this hook.
+        self.runtime.stop()
+
+    @modal.asgi_app(label=settings.server_app)
+    def web(self):
+        return self.runtime.app()
