@@ -57,8 +57,9 @@ class TabbyServer:
         grace: float = 10.0,
     ) -> None:
         self.settings = settings
-        self.data_dir = Path(data_dir)
-        self.live_root = Path(live_root)
+        # Absolute: Tabby runs with its root as working directory, where a relative TABBY_ROOT would nest.
+        self.data_dir = Path(data_dir).absolute()
+        self.live_root = Path(live_root).absolute()
         self.tabby_bin = tabby_bin
         self.jwt_secret = jwt_secret
         self.setup_token = setup_token
