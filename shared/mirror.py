@@ -46,6 +46,7 @@ from shared.atomic import (
     link_escapes,
     make_link,
     write_bytes,
+    write_private,
 )
 from shared.locks import process_alive, this_process
 from shared.progress import Progress, silent
@@ -805,9 +806,8 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
                     # A plain root may hold a WAL database: copy it the consistent way.
                     database.backup(src, dst, private_copy=True, check="none", durable=False)
                 else:
-                    copy_file(
-                        src, dst, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns, durable=False
-                    )
+                    with open(src, "rb", buffering=0) as f:
+                        write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
             except HashMismatch:
                 raise StateError(
                     f"hydrate refused: {e.path} does not match the persist manifest; live root untouched"
@@ -818,6 +818,8 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
                 ) from None
             prog.add(1, e.size)
 
+        for d in sorted({posixpath.dirname(p) for p in entries} - {""}):
+            (staging / d).mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(WORKERS) as pool:
             list(pool.map(lay, entries.values()))
         for p, e in entries.items():

@@ -50,6 +50,7 @@ from shared.atomic import (
     make_link,
     sync_fs,
     write_bytes,
+    write_private,
     write_stream,
     write_temp,
 )
@@ -216,7 +217,7 @@ class DirectoryBackend:
         if not self._claim(path):
             return False
         try:
-            tmp, _, _ = write_temp(path, src, expect_sha256=sha256, mode=0o444, durable=False)
+            tmp, _, _ = write_temp(path, src, expect_sha256=sha256, mode=0o444, durable=False, writeback=True)
         except BaseException:
             with self._mutex:
                 self._names.discard(path)
@@ -226,7 +227,9 @@ class DirectoryBackend:
 
     def write_content(self, src: BinaryIO, name_for: Callable[[str], str]) -> tuple[str, int, bool]:
         batched = self._pending is not None
-        tmp, size, sha = write_temp(self.root / "blobs" / "incoming", src, mode=0o444, durable=not batched)
+        tmp, size, sha = write_temp(
+            self.root / "blobs" / "incoming", src, mode=0o444, durable=not batched, writeback=batched
+        )
         final = self._path(name_for(sha))
         if final.is_file() or (batched and not self._claim(final)):
             tmp.unlink()
@@ -893,11 +896,11 @@ class Store:
                     make_link(dst, e.link, durable=False)
                     return
                 with self.backend.read(blob_name(e.sha256 or "")) as f:
-                    write_stream(
-                        dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns, durable=False
-                    )
+                    write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
                 prog.add(1, e.size)
 
+            for d in sorted({os.path.dirname(p) for p in snap.files} - {""}):
+                (staging / d).mkdir(parents=True, exist_ok=True)
             with ThreadPoolExecutor(mirror.WORKERS) as pool:
                 list(pool.map(lay, snap.files.values()))
             sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
