@@ -19,8 +19,8 @@ Environment knobs (all optional):
   STANDIN_SSE_EVENTS / STANDIN_SSE_INTERVAL_MS   default chat stream shape (5 events, 10 ms apart)
 
 Debug endpoints (no auth): /debug/stats, /debug/echo, /debug/cookies, /debug/download, /debug/slow, /debug/json,
-/debug/abort, /debug/idle, /debug/register; chat bodies may carry {"events", "interval_ms", "crash_after",
-"abort_after"}; a websocket text "close:<code>:<reason>" makes the server close with that code.
+/debug/abort, /debug/idle, /debug/register; chat bodies may carry {"events", "interval_ms", "first_ms",
+"crash_after", "abort_after"}; a websocket text "close:<code>:<reason>" makes the server close with that code.
 """
 
 from __future__ import annotations
@@ -176,6 +176,8 @@ class Standin:
         interval = float(body.get("interval_ms", self.sse_interval * 1000)) / 1000
         crash_after = body.get("crash_after")
         abort_after = body.get("abort_after")
+        if body.get("first_ms"):  # time to the first token
+            await asyncio.sleep(float(body["first_ms"]) / 1000)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         STATS["chat_streams"] += 1
