@@ -6,6 +6,7 @@ deadline; the only sleeps are the random delays that choose where a kill lands.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -169,6 +170,9 @@ def test_sigkill_at_random_points_never_breaks_data_or_store(tmp_path):
     deadline = time.monotonic() + 120
     round_no = 0
     scratch = Path(tempfile.mkdtemp(dir=tmp_path))
+    # A killed child cannot remove its private temp dirs: keep them inside tmp_path.
+    child_env = {**os.environ, "TMPDIR": str(tmp_path / "child-tmp")}
+    (tmp_path / "child-tmp").mkdir()
     while (sum(kills.values()) < 60 or min(kills.values()) < 6) and time.monotonic() < deadline:
         round_no += 1
         _mutate(live, rng, round_no)
@@ -180,6 +184,7 @@ def test_sigkill_at_random_points_never_breaks_data_or_store(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-c", RUNNER, op, str(live), str(data), str(backups), arg],
             cwd=REPO,
+            env=child_env,
             stdout=subprocess.PIPE,
             text=True,
         )
