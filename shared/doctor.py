@@ -13,7 +13,7 @@ from shared.settings import Settings, SettingsError, load_settings
 # One function per app that exists once the app is deployed (and carries its web URL where it has one).
 APP_PROBES = {
     "warmer_app": ("check_models", False),
-    "server_app": ("TabbyServer", True),
+    "server_app": ("Tabby", True),
     "maintenance_app": ("snapshots", False),
 }
 
