@@ -54,10 +54,19 @@ class _Http:
         self.response: web.StreamResponse | None = None
         self.finished = False
         self.body_done = False
+        self.continued = False
         self.gone = asyncio.Event()
 
     async def receive(self) -> Message:
         if not self.body_done:
+            if not self.continued:
+                self.continued = True
+                if (
+                    self.request.version >= (1, 1)
+                    and self.request.headers.get("Expect", "").lower() == "100-continue"
+                ):
+                    await self.request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.request.writer.output_size = 0  # the response proper has not started
             try:
                 chunk = await self.request.content.readany()
             except (ConnectionError, asyncio.CancelledError, RuntimeError):
@@ -264,8 +273,14 @@ class AsgiHost:
     def _run(self, scope: MutableMapping[str, Any], conn: _Http | _WebSocket) -> asyncio.Future[None]:
         task = asyncio.ensure_future(self.app(scope, conn.receive, conn.send))
         self._orphans.add(task)
-        task.add_done_callback(self._orphans.discard)
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._orphans.discard(task)
+        # An app still running when its client left finishes on its own; its outcome is of no one's concern.
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("app task ended with %r", task.exception())
 
     async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
         conn = _Http(request)

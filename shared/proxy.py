@@ -68,6 +68,8 @@ WS_HANDSHAKE = frozenset(
     }
 )
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
+# `Expect: 100-continue` is answered by the server in front of us; upstream it would only stall the upload.
+REQUEST_ONLY = frozenset({b"expect"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Errors on a pooled connection the upstream already closed: safe to retry once when nothing was sent.
 STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -251,7 +253,7 @@ class Proxy:
         """Upstream headers (a list, repeats kept), whether the request has a body, and whether it is chunked."""
         raw: list[tuple[bytes, bytes]] = scope.get("headers") or []
         chunked = any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in raw)
-        kept = strip_hop_by_hop(raw, drop | FORWARDED)
+        kept = strip_hop_by_hop(raw, drop | FORWARDED | REQUEST_ONLY)
         headers: CIMultiDict[str] = CIMultiDict()
         prior_for = ""
         host = ""
@@ -312,6 +314,8 @@ class Proxy:
                 "%s %s: upstream failed mid-response (%s): aborting", scope["method"], scope["path"], err
             )
             raise
+        except OSError:
+            return  # sending to the client failed: it has gone, and the upstream response is closed
 
     async def _exchange(
         self, scope: Scope, send: Send, headers: CIMultiDict[str], exchange: _Exchange

@@ -168,9 +168,9 @@ class TabbyServer:
                 self.supervisor.wait_ready(cancel=self._stopping)
             except TabbyStartError as err:
                 return self._fail(err.reason)  # its last log lines are in the log just above
-            self.state = "ready"
             self._persister = threading.Thread(target=self._persist_loop, name="persister", daemon=True)
             self._persister.start()
+            self.state = "ready"
             return True
 
     def start_in_background(self) -> threading.Thread:
@@ -191,9 +191,10 @@ class TabbyServer:
             return None
         try:
             return self.maintenance_check()
-        except Exception as err:  # a broken check must not keep Tabby down for good
-            log.warning("maintenance check failed (%s): starting anyway", err)
-            return None
+        except Exception as err:
+            # Fail closed (maintenance may be writing /data), and look again on the next requests.
+            log.warning("maintenance lock check failed: %s", err)
+            return f"the maintenance lock could not be checked: {err}"
 
     def _recheck_maintenance(self) -> None:
         """While refused for maintenance, look again now and then (at most every `maintenance_recheck` s)."""
@@ -244,13 +245,14 @@ class TabbyServer:
         with self._stop_lock:
             if self.state == "stopped":
                 return self.last_persist
-            self._stopping.set()
-            self.state = "stopping"
+            self._stopping.set()  # a start in progress gives up at its next step (wait_ready polls it)
+            with self._start_lock:  # ...and is over once this is acquired
+                self.state = "stopping"
             if self._persister is not None:
                 self._persister.join()
             if self.supervisor is not None:
                 self.supervisor.stop()
-            if self._starter is not None:
+            if self._starter is not None and self._starter.ident is not None:
                 self._starter.join()
             result = self.persist_now() if self._hydrated else None
             self.state = "stopped"
@@ -267,8 +269,10 @@ def lease_check(settings: Settings) -> MaintenanceCheck:
     def check() -> str | None:
         try:
             from shared.lease import maintenance_reason  # type: ignore[import-not-found]
-        except ImportError:
-            return None
+        except ModuleNotFoundError as err:
+            if err.name != "shared.lease":
+                raise
+            return None  # no lease module in this tree yet: no lock
         return maintenance_reason(settings)
 
     return check

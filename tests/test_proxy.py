@@ -676,3 +676,43 @@ def test_pool_expires_connections_before_upstream_idle_timeouts():
 def test_runtime_never_imports_asgi_proxy_lib():
     for path in (Path(__file__).parent.parent / "shared").glob("*.py"):
         assert "asgi_proxy" not in path.read_text().replace("asgi_proxy_lib", ""), path
+
+
+@pytest.mark.parametrize("kind", HOSTS)
+def test_expect_continue_is_answered_here_not_forwarded(standin, kind):
+    async def scenario():
+        async with serve_asgi(Proxy(standin.url), kind) as url:
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"PUT /debug/echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            await writer.drain()
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)  # no 1 s client-side stall
+            assert interim.startswith(b"HTTP/1.1 100")
+            writer.write(b"hello")
+            data = await reader.read()
+            writer.close()
+        status, _, body = split_response(data)
+        doc = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])
+        assert status == 200 and doc["body_bytes"] == 5
+        assert "expect" not in [k for k, _ in echo_headers(doc)]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", HOSTS)
+def test_head_request(standin, kind):
+    async def scenario():
+        async with (
+            serve_asgi(Proxy(standin.url), kind) as url,
+            aiohttp.ClientSession() as c,
+            c.head(f"{url}/debug/json") as r,
+        ):
+            assert r.status == 200 and int(r.headers["Content-Length"]) > 500
+            assert await r.read() == b""
+            async with c.get(f"{url}/debug/json") as again:
+                assert again.status == 200  # the connection after a HEAD is still in sync
+
+    run(scenario)

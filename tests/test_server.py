@@ -242,3 +242,35 @@ def test_stop_while_starting_cancels_the_start(tmp_path, harness):
     assert not group_members(h.server.supervisor.pid)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().rsplit(") ", 1)[1][0] in "ZX"  # gone, or a zombie
+
+
+def test_a_failing_maintenance_check_fails_closed_then_recovers(tmp_path, harness):
+    broken = [True]
+
+    def check() -> str | None:
+        if broken[0]:
+            raise ConnectionError("modal.Dict unreachable")
+        return None
+
+    h = harness(maintenance_check=check, maintenance_recheck=0.05)
+    assert h.server.start() is False
+    status, _, body = h.request("GET", "/")
+    assert status == 503 and "could not be checked" in body["error"] and "unreachable" in body["error"]
+    broken[0] = False
+    poll(lambda: (h.server.gate(), h.server.state == "ready")[1], 15, what="start once the check works")
+
+
+def test_lease_check_without_a_lease_module_means_no_lock(no_modal_env, monkeypatch):
+    import builtins
+
+    from shared.server import lease_check
+
+    real_import = builtins.__import__
+
+    def no_lease(name, *args, **kwargs):
+        if name == "shared.lease":
+            raise ModuleNotFoundError("No module named 'shared.lease'", name="shared.lease")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lease)
+    assert lease_check(load_settings(env_file=None))() is None
