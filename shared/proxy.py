@@ -16,7 +16,7 @@ What this proxy guarantees (one test each in tests/test_proxy.py):
 - websockets with subprotocols, close codes and reasons; compression off and `Sec-WebSocket-Extensions` dropped, so
   each side negotiates its own;
 - timeouts: a short connect timeout, and an idle timeout (longest silence) instead of a total one, since chat streams
-  run for minutes. Pooled connections expire before a typical upstream idle timeout, and an idempotent request without
+  run for minutes; websockets have none (GraphQL subscriptions idle for long and keep themselves alive). Pooled connections expire before a typical upstream idle timeout, and an idempotent request without
   a body that meets a dead pooled connection is retried once.
 """
 
@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Errors on a pooled connection the upstream already closed: safe to retry once when nothing was sent.
 STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Close codes that must not be sent in a close frame.
-UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+UNSENDABLE = {1005: 1000, 1006: 1001, 1015: 1011}  # no status -> normal; dropped -> going away
 READ_BUFSIZE = 256 * 1024
 KEEPALIVE = (
     10.0  # pooled connections expire before a typical upstream idle timeout (hyper: none; nginx: 75 s)
@@ -166,7 +166,6 @@ class Proxy:
         limit: int = 1000,
     ) -> None:
         self.upstream = upstream.rstrip("/")
-        self._base = URL(self.upstream)
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.gate = gate
@@ -249,8 +248,8 @@ class Proxy:
     @staticmethod
     def forwarded_headers(
         scope: Scope, drop: frozenset[bytes] = frozenset()
-    ) -> tuple[CIMultiDict[str], bool, bool]:
-        """Upstream headers (a list, repeats kept), whether the request has a body, and whether it is chunked."""
+    ) -> tuple[CIMultiDict[str], bool]:
+        """Upstream headers (a list: repeats kept, in order) and whether the request has a body."""
         raw: list[tuple[bytes, bytes]] = scope.get("headers") or []
         chunked = any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in raw)
         kept = strip_hop_by_hop(raw, drop | FORWARDED | REQUEST_ONLY)
@@ -280,7 +279,7 @@ class Proxy:
         scheme = scope.get("scheme") or "http"
         headers["X-Forwarded-Proto"] = {"ws": "http", "wss": "https"}.get(scheme, scheme)
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
-        return headers, has_body, chunked
+        return headers, has_body
 
     # --- HTTP ----------------------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -288,7 +287,7 @@ class Proxy:
         if refusal is not None:
             await send_json(send, refusal.status, refusal.error, retry_after=refusal.retry_after)
             return
-        headers, has_body, _ = self.forwarded_headers(scope)
+        headers, has_body = self.forwarded_headers(scope)
         exchange = _Exchange(receive, has_body)
         work = asyncio.ensure_future(self._exchange(scope, send, headers, exchange))
         watch = asyncio.ensure_future(exchange.watch())
@@ -397,7 +396,7 @@ class Proxy:
                 scope, send, refusal.status, refusal.error, retry_after=refusal.retry_after
             )
             return
-        headers, _, _ = self.forwarded_headers(scope, WS_HANDSHAKE)
+        headers, _ = self.forwarded_headers(scope, WS_HANDSHAKE)
         headers.popall("Content-Length", None)
         try:
             upstream = await self.session().ws_connect(
@@ -497,7 +496,7 @@ class _Exchange:
         if not has_body:
             self._body_over.set()
 
-    async def body(self):  # -> AsyncIterator[bytes]
+    async def body(self) -> AsyncIterator[bytes]:
         try:
             while True:
                 message = await self.receive()
