@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -19,7 +20,7 @@ import stat
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
 TMP_MARK = ".tmtmp-"
@@ -427,3 +428,16 @@ def inside(root: Path, path: Path) -> bool:
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     return real == real_root or real.startswith(real_root + os.sep)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A small JSON record (lock file, pending marker): None if absent, {} if empty or unreadable."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}

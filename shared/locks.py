@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import StateError, fsync_dir
+from shared.atomic import StateError, fsync_dir, read_record
 
 LOCK_NAME = "lock.json"
 BREAKING_NAME = "lock.json.breaking"
@@ -76,15 +76,7 @@ def process_alive(info: dict[str, Any]) -> bool | None:
 
 def _read(path: Path) -> dict[str, Any] | None:
     """The holder's record; {} when the file exists but is empty or unreadable; None when there is no file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        return {}
-    return info if isinstance(info, dict) else {}
+    return read_record(path)
 
 
 def read_lock(directory: Path) -> dict[str, Any] | None:

@@ -45,6 +45,7 @@ from shared.atomic import (
     is_tmp,
     link_escapes,
     make_link,
+    read_record,
     write_bytes,
     write_private,
 )
@@ -243,15 +244,7 @@ def write_manifest(data_dir: Path, manifest: PersistManifest) -> None:
 
 def pending_info(data_dir: Path) -> dict[str, Any] | None:
     """The pending marker of an unfinished (running or crashed) persist, restore or reset; None if none."""
-    try:
-        raw = (Path(data_dir) / PENDING).read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        return {}
-    return info if isinstance(info, dict) else {}
+    return read_record(Path(data_dir) / PENDING)
 
 
 def pending_alive(info: dict[str, Any] | None) -> bool:
