@@ -205,6 +205,59 @@ def sha256_file(path: Path) -> str:
     return hash_file(path)[1]
 
 
+def read_small(path: Path, limit: int) -> bytes | None:
+    """The whole content of the regular file `path` in one buffer, or None when it holds more than `limit` bytes
+    (the caller streams it instead). FileNotFoundError when it is gone."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        total = 0
+        while True:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                return None
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def current_umask() -> int | None:
+    """The process umask, read without changing it (os.umask would race other threads); None if unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def write_new_bytes(
+    dst: Path, data: bytes, *, mode: int, mtime_ns: int | None = None, umask: int | None = None
+) -> None:
+    """Create `dst` (it must not exist) holding `data`, with `mode` and `mtime_ns`, in a private staging tree: no
+    temp name, no fsync (the caller puts one barrier over the whole tree). Few system calls, for many small files:
+    with the process `umask` given (see `current_umask`), the chmod is skipped when the umask keeps `mode` as is."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o777)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if mode & ~0o777 or umask is None or mode & umask:
+            os.fchmod(fd, mode)
+        if mtime_ns is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+    except BaseException:
+        os.close(fd)
+        dst.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
 def write_temp(
     dst: Path,
     src: BinaryIO,

@@ -2,13 +2,28 @@
 
 Layout, behind a small storage interface (`Backend`; `DirectoryBackend` for a local folder or a mounted Volume):
 
-    blobs/ab/<sha256>          file contents, content-addressed, written once and never changed
+    packs/ab/<id>              small blobs (< PACK_BLOB_MAX) appended one after another, then an index of them
+    blobs/ab/<sha256>          large blobs and databases, one file each
     snapshots/<id>.json        one manifest per snapshot, written atomically after all of its blobs
     lock.json                  the store lock (shared.locks), outside the Backend
 
-A snapshot id sorts by time and carries a label: `20261123T051200Z-1a2b-nightly`. A crash leaves orphan blobs and
-temp files (`.*.tmtmp-*`) for prune, never a manifest naming a missing blob. Manifests are validated before use: a path that is absolute, has
-`..`, is listed twice, or a link leaving the root makes the whole snapshot refused, with nothing written.
+Every blob is content-addressed by its sha256, wherever it lives, and stored once across snapshots. A pack ends with
+its own index (sha256, offset, length of each blob: see `pack_trailer`), protected by a checksum, so one rename
+publishes a pack with its index; its name is a random id, written once and never changed. Small blobs go to packs
+because a Tabby index is ~10k small files per GiB: one file, fsync and rename per blob cost far more than the bytes.
+Databases stay single files, so a drill or `inspect` reads them directly.
+
+Durability order: packs and blobs are written under temp names, one `syncfs` makes their bytes durable, they are
+renamed into place, a second `syncfs` makes the names durable, and only then is the manifest that names them written
+(itself temp + fsync + rename + dir fsync). A crash leaves orphan packs/blobs and temp files (`.*.tmtmp-*`) for prune,
+never a manifest naming a missing blob. Manifests are validated before use: a path that is absolute, has `..`, is
+listed twice, or a link leaving the root makes the whole snapshot refused, with nothing written.
+
+Prune deletes loose blobs no kept snapshot names, deletes packs none of whose blobs is named, and rewrites
+(repacks) a pack when at least REPACK_GARBAGE of its bytes are unnamed; below that, the unnamed blobs stay until
+more of the pack is garbage (rewriting live data on every prune would cost more than the space it frees).
+
+Stores written before packs existed (every blob under `blobs/`) are read as they are.
 
 For export/import (shared/archive.py) the store offers a streaming read, `iter_files()`, and two ways in:
 `add_tree()` (a directory such as an extracted plain Tabby root) and `import_entries()` (a stream of entries).
@@ -19,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
+import json
 import math
 import os
 import random
@@ -26,6 +43,7 @@ import re
 import secrets
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -37,6 +55,7 @@ from typing import IO, Any, BinaryIO, Protocol
 
 from shared import database, mirror
 from shared.atomic import (
+    SHA256_RE,
     HashMismatch,
     StateError,
     check_relpath,
@@ -48,7 +67,10 @@ from shared.atomic import (
     inside,
     is_tmp,
     make_link,
+    read_small,
+    start_writeback,
     sync_fs,
+    tmp_path,
     write_bytes,
     write_private,
     write_stream,
@@ -67,6 +89,12 @@ PENDING_WAIT = 30.0  # how long a snapshot waits for a persist running on this h
 
 
 BATCH_BYTES = 2 << 30  # data written between two durability barriers
+PACK_BLOB_MAX = 1 << 20  # blobs smaller than this go into packs
+PACK_TARGET = 16 << 20  # a pack is closed once it holds this much
+PACK_BUFFER = 1 << 20
+REPACK_GARBAGE = 0.25  # prune rewrites a pack when this fraction of its bytes is named by no kept snapshot
+PACK_MAGIC = b"TMPACK1\n"
+PACK_FOOTER = struct.Struct(">Q32s8s")  # trailer length, sha256 of the trailer, magic
 
 
 def _chunks(items: list[Any], size_of: Callable[[Any], int] = lambda e: e.size) -> Iterator[list[Any]]:
@@ -80,6 +108,90 @@ def _chunks(items: list[Any], size_of: Callable[[Any], int] = lambda e: e.size) 
             chunk, total = [], 0
     if chunk:
         yield chunk
+
+
+def pack_trailer(entries: list[tuple[str, int, int]]) -> bytes:
+    """What ends a pack: a JSON index of its blobs [[sha256, offset, length], ...], then a fixed-size footer with
+    the index's length, the index's sha256 and a magic string."""
+    index = json.dumps({"format": 1, "blobs": entries}, separators=(",", ":")).encode()
+    return index + PACK_FOOTER.pack(len(index), hashlib.sha256(index).digest(), PACK_MAGIC)
+
+
+def parse_pack_index(f: BinaryIO, size: int) -> list[tuple[str, int, int]]:
+    """The blobs a pack holds, from its trailer; StateError if the trailer is missing, corrupt or inconsistent."""
+    if size < PACK_FOOTER.size:
+        raise StateError("pack too short for its footer")
+    f.seek(size - PACK_FOOTER.size)
+    length, digest, magic = PACK_FOOTER.unpack(f.read(PACK_FOOTER.size))
+    data_end = size - PACK_FOOTER.size - length
+    if magic != PACK_MAGIC or data_end < 0:
+        raise StateError("pack footer is not ours")
+    f.seek(data_end)
+    raw = f.read(length)
+    if hashlib.sha256(raw).digest() != digest:
+        raise StateError("pack index does not match its checksum (corrupt)")
+    try:
+        items = json.loads(raw)["blobs"]
+        out = [(str(sha), int(off), int(n)) for sha, off, n in items]
+    except (ValueError, KeyError, TypeError) as err:
+        raise StateError(f"pack index is malformed ({err})") from None
+    for sha, off, n in out:
+        if not SHA256_RE.match(sha) or off < 0 or n < 0 or off + n > data_end:
+            raise StateError(f"pack index entry {sha[:12]} is out of bounds")
+    return out
+
+
+class _Slice(io.RawIOBase):
+    """A read-only stream over `length` bytes at `offset` of an open file (a blob inside a pack)."""
+
+    def __init__(self, f: BinaryIO, offset: int, length: int) -> None:
+        super().__init__()
+        self._f, self._off, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._f.fileno(), [memoryview(buf)[:n]], self._off + self._pos)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+class _PackWriter:
+    """One pack being filled under a temp name in `packs/`; its trailer is written by `finish()`."""
+
+    def __init__(self, root: Path) -> None:
+        ensure_dir(root / "packs", durable=False)
+        self.tmp = tmp_path(root / "packs" / "pack")
+        self.f = open(self.tmp, "xb", buffering=PACK_BUFFER)  # noqa: SIM115 - closed by finish() or abort()
+        self.entries: list[tuple[str, int, int]] = []
+        self.pos = 0
+
+    def add(self, sha: str, data: bytes) -> None:
+        self.f.write(data)
+        self.entries.append((sha, self.pos, len(data)))
+        self.pos += len(data)
+
+    def finish(self) -> Path:
+        self.f.write(pack_trailer(self.entries))
+        self.f.flush()
+        os.fchmod(self.f.fileno(), 0o444)
+        start_writeback(self.f.fileno())
+        self.f.close()
+        return self.tmp
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class UnknownSnapshot(StateError):
@@ -123,9 +235,23 @@ class Backend(Protocol):
         """Store a stream whose hash is not known yet under `name_for(sha256)`; returns (sha256, size, created)."""
         ...
 
-    def batch(self) -> contextlib.AbstractContextManager[None]:
+    def batch(self) -> contextlib.AbstractContextManager[list[str]]:
         """Objects written inside the block appear together when it ends, after one durability barrier instead of
-        one per object; if the block raises, none appears. Not visible to `exists`/`read` before the end."""
+        one per object; if the block raises, none appears. Not visible to `exists`/`read` before the end. Yields a
+        list that holds, once the block has ended, the names it published."""
+        ...
+
+    def write_small(self, sha256: str, data: bytes) -> bool:
+        """Inside a batch: add a small blob to a pack (False if this batch already holds it). The caller checked
+        that `data` hashes to `sha256` and that the store does not have it yet."""
+        ...
+
+    def read_range(self, name: str, offset: int, length: int) -> BinaryIO:
+        """Open `length` bytes at `offset` of an object for reading (the caller closes it)."""
+        ...
+
+    def pack_index(self, name: str) -> list[tuple[str, int, int]]:
+        """The (sha256, offset, length) of each blob in a pack; StateError when its trailer is unreadable."""
         ...
 
 
@@ -135,32 +261,75 @@ class DirectoryBackend:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._pending: list[tuple[Path, Path]] | None = None  # (temp, final) inside a batch
-        self._names: set[Path] = set()
+        self._names: set[Path | str] = set()
         self._mutex = threading.Lock()
+        self._writers: list[_PackWriter] = []  # open packs of the current batch
+        self._free: list[_PackWriter] = []  # ... that no thread is adding to
+        self._published: list[str] = []
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> Iterator[list[str]]:
         if self._pending is not None:  # nested: part of the outer batch
-            yield
+            yield self._published
             return
-        self._pending, self._names = [], set()
+        self._pending, self._names, self._published = [], set(), []
+        published = self._published
         try:
-            yield
+            yield published
+            for w in self._writers:
+                self._pending.append((w.finish(), self._path(pack_name(secrets.token_hex(16)))))
+            self._writers, self._free = [], []
             if self._pending:
-                # Data on disk before any final name exists: a crash leaves temp files, never a torn blob.
+                # Data on disk before any final name exists: a crash leaves temp files, never a torn blob or pack.
                 sync_fs(self.root)
                 for tmp, final in self._pending:
                     ensure_dir(final.parent, durable=False)
                     os.replace(tmp, final)
-                sync_fs(self.root)
+                    published.append(final.relative_to(self.root).as_posix())
+                sync_fs(self.root)  # the names, before any manifest can name them
         except BaseException:
+            for w in self._writers:
+                w.abort()
             for tmp, _ in self._pending:
                 tmp.unlink(missing_ok=True)
             raise
         finally:
-            self._pending, self._names = None, set()
+            self._pending, self._names, self._writers, self._free = None, set(), [], []
 
-    def _claim(self, path: Path) -> bool:
+    def write_small(self, sha256: str, data: bytes) -> bool:
+        if self._pending is None:
+            raise RuntimeError("write_small outside a batch")
+        if not self._claim(f"pack:{sha256}"):
+            return False
+        with self._mutex:
+            w = self._free.pop() if self._free else None
+        if w is None:
+            w = _PackWriter(self.root)
+            with self._mutex:
+                self._writers.append(w)
+        try:
+            w.add(sha256, data)
+        except BaseException:
+            with self._mutex:
+                self._names.discard(f"pack:{sha256}")
+            raise  # the pack is dropped with the batch
+        with self._mutex:
+            if w.pos < PACK_TARGET:
+                self._free.append(w)
+                return True
+            self._writers.remove(w)
+        tmp = w.finish()
+        self._stage(tmp, self._path(pack_name(secrets.token_hex(16))))
+        return True
+
+    def read_range(self, name: str, offset: int, length: int) -> BinaryIO:
+        return _Slice(open(self._path(name), "rb", buffering=0), offset, length)  # type: ignore[return-value]
+
+    def pack_index(self, name: str) -> list[tuple[str, int, int]]:
+        with open(self._path(name), "rb") as f:
+            return parse_pack_index(f, os.fstat(f.fileno()).st_size)
+
+    def _claim(self, path: Path | str) -> bool:
         """Inside a batch: reserve a final name (False if this batch already writes it)."""
         with self._mutex:
             if path in self._names:
@@ -248,6 +417,10 @@ def blob_name(sha256: str) -> str:
     return f"blobs/{sha256[:2]}/{sha256}"
 
 
+def pack_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
 def snapshot_name(snapshot_id: str) -> str:
     return f"snapshots/{snapshot_id}.json"
 
@@ -283,6 +456,36 @@ class Snapshot:
             "files": len(self.files),
             "bytes": self.bytes,
         }
+
+
+@dataclass
+class Catalog:
+    """Where each stored blob lives, as the store's listing says right now."""
+
+    loose: dict[str, str]  # sha256 -> object name under blobs/
+    packed: dict[str, tuple[str, int, int]]  # sha256 -> (pack name, offset, length)
+    packs: dict[str, list[tuple[str, int, int]]]  # readable pack name -> its index
+    bad_packs: dict[str, str]  # pack name -> why its index is unreadable
+
+    def has(self, sha256: str | None, *, loose: bool = False) -> bool:
+        return sha256 in self.loose or (not loose and sha256 in self.packed)
+
+
+def _loose(path: str, size: int) -> bool:
+    """Stored as a file of its own: large blobs, and databases (drills and `inspect` read them directly)."""
+    return size >= PACK_BLOB_MAX or path in database.DB_PATHS
+
+
+def _read_upto(reader: IO[bytes], n: int) -> bytes:
+    """Up to `n` bytes of a stream (fewer only at its end)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 class _Verifying:
@@ -329,6 +532,7 @@ class Store:
         progress: Callable[[str], Progress] | None = None,
     ) -> None:
         self.backend = backend
+        self._pack_cache: dict[str, list[tuple[str, int, int]]] = {}  # packs never change once named
         self._lock = lock or (lambda op: contextlib.nullcontext())
         self._progress = progress or (lambda label: silent())
 
@@ -350,6 +554,64 @@ class Store:
         )
 
     # --- Reading ----------------------------------------------------------------------------------------------
+
+    def catalog(self) -> Catalog:
+        """Every blob the store holds and where: loose blobs by listing, packed ones from each pack's index."""
+        loose = {}
+        for name in self.backend.list("blobs/"):
+            base = name.rsplit("/", 1)[-1]
+            if not is_tmp(name) and SHA256_RE.match(base):
+                loose[base] = name
+        packed: dict[str, tuple[str, int, int]] = {}
+        packs: dict[str, list[tuple[str, int, int]]] = {}
+        bad: dict[str, str] = {}
+        for name in sorted(self.backend.list("packs/")):
+            if is_tmp(name):
+                continue
+            index = self._pack_cache.get(name)
+            if index is None:
+                try:
+                    index = self.backend.pack_index(name)
+                except (StateError, OSError) as err:
+                    bad[name] = str(err)
+                    continue
+                self._pack_cache[name] = index
+            packs[name] = index
+            for sha, off, n in index:
+                packed.setdefault(sha, (name, off, n))
+        return Catalog(loose, packed, packs, bad)
+
+    def _open(self, cat: Catalog, sha256: str | None) -> BinaryIO:
+        sha = sha256 or ""
+        if sha in cat.loose:
+            return self.backend.read(cat.loose[sha])
+        if sha in cat.packed:
+            name, off, n = cat.packed[sha]
+            return self.backend.read_range(name, off, n)
+        raise FileNotFoundError(f"missing blob {sha[:12]}")
+
+    def _size(self, cat: Catalog, sha256: str | None) -> int:
+        """Stored size of a blob, -1 when it is missing."""
+        sha = sha256 or ""
+        try:
+            if sha in cat.loose:
+                return self.backend.size(cat.loose[sha])
+        except OSError:
+            return -1
+        return cat.packed[sha][2] if sha in cat.packed else -1
+
+    def locate(self, sha256: str) -> tuple[str, int, int]:
+        """Where a blob's bytes are: (object name, offset, length); FileNotFoundError if the store lacks it."""
+        cat = self.catalog()
+        if sha256 in cat.loose:
+            return cat.loose[sha256], 0, self.backend.size(cat.loose[sha256])
+        if sha256 in cat.packed:
+            return cat.packed[sha256]
+        raise FileNotFoundError(f"missing blob {sha256[:12]}")
+
+    def open_blob(self, sha256: str) -> BinaryIO:
+        """Read a stored blob by its sha256, wherever it lives (the caller closes it; bytes are not checked)."""
+        return self._open(self.catalog(), sha256)
 
     def ids(self) -> list[str]:
         """Snapshot ids in time order (oldest first), as their manifest names say; unreadable ones included."""
@@ -426,13 +688,19 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         """Number of snapshots, and blobs with their total bytes (the store's real size: blobs are shared)."""
-        blobs = [n for n in self.backend.list("blobs/") if not is_tmp(n)]
+        cat = self.catalog()
         total = 0
-        for n in blobs:
+        for n in [*cat.loose.values(), *cat.packs, *cat.bad_packs]:
             with contextlib.suppress(OSError):
                 total += self.backend.size(n)
         ids = self.ids()
-        return {"count": len(ids), "blobs": len(blobs), "bytes": total, "newest": ids[-1] if ids else None}
+        return {
+            "count": len(ids),
+            "blobs": len(cat.loose.keys() | cat.packed.keys()),
+            "packs": len(cat.packs) + len(cat.bad_packs),
+            "bytes": total,
+            "newest": ids[-1] if ids else None,
+        }
 
     def iter_files(self, snapshot_id: str) -> Iterator[tuple[Entry, IO[bytes] | None]]:
         """Stream a snapshot's files in path order: (entry, reader) with `reader` None for symlinks.
@@ -442,12 +710,13 @@ class Store:
         Example (an exporter): for e, f in store.iter_files(sid): tar.addfile(info_for(e), f).
         """
         snap = self.load(snapshot_id)
+        cat = self.catalog()
         for path in sorted(snap.files):
             entry = snap.files[path]
             if entry.link is not None:
                 yield entry, None
                 continue
-            reader = _Verifying(self.backend.read(blob_name(entry.sha256 or "")), entry)
+            reader = _Verifying(self._open(cat, entry.sha256), entry)
             try:
                 yield entry, reader  # type: ignore[misc]
             finally:
@@ -490,33 +759,44 @@ class Store:
         """
         started = time.monotonic()
         with self._lock("import"):
-            created: list[str] = []
             files: dict[str, Entry] = {}
-            skipped = 0
+            skipped = new_blobs = new_bytes = 0
+            cat = self.catalog()
+            published: list[str] = []
             try:
-                for entry, reader in entries:
-                    path = check_relpath(entry.path)
-                    if path in files:
-                        raise StateError(f"bad path {path!r}: listed twice")
-                    if mirror.excluded(path):
-                        if path.endswith(database.SIDECAR_SUFFIXES):
-                            raise StateError(
-                                f"{path}: a SQLite sidecar; import a plain root with add_tree instead"
+                with self.backend.batch() as published:
+                    for entry, reader in entries:
+                        path = check_relpath(entry.path)
+                        if path in files:
+                            raise StateError(f"bad path {path!r}: listed twice")
+                        if mirror.excluded(path):
+                            if path.endswith(database.SIDECAR_SUFFIXES):
+                                raise StateError(
+                                    f"{path}: a SQLite sidecar; import a plain root with add_tree instead"
+                                )
+                            skipped += 1
+                            continue
+                        if entry.link is not None:
+                            files[path] = Entry(path, mode=0o777, link=entry.link)
+                            continue
+                        if reader is None:
+                            raise StateError(f"{path}: no content")
+                        if _loose(path, entry.size):
+                            sha, size, new = self.backend.write_content(reader, blob_name)
+                        else:
+                            data = _read_upto(reader, entry.size + 1)
+                            sha, size = hashlib.sha256(data).hexdigest(), len(data)
+                            new = (
+                                size == entry.size
+                                and not cat.has(sha)
+                                and self.backend.write_small(sha, data)
                             )
-                        skipped += 1
-                        continue
-                    if entry.link is not None:
-                        files[path] = Entry(path, mode=0o777, link=entry.link)
-                        continue
-                    if reader is None:
-                        raise StateError(f"{path}: no content")
-                    sha, size, new = self.backend.write_content(reader, blob_name)
-                    if new:
-                        created.append(blob_name(sha))
-                    if size != entry.size or (entry.sha256 and entry.sha256 != sha):
-                        raise StateError(f"{path}: content does not match its size or sha256")
-                    files[path] = Entry(path, size, entry.mtime_ns, entry.mode & 0o7777, sha)
-                check_tree(files, {p: e.link for p, e in files.items() if e.link is not None})
+                        new_blobs += new
+                        new_bytes += size if new else 0
+                        if size != entry.size or (entry.sha256 and entry.sha256 != sha):
+                            raise StateError(f"{path}: content does not match its size or sha256")
+                        files[path] = Entry(path, size, entry.mtime_ns, entry.mode & 0o7777, sha)
+                    check_tree(files, {p: e.link for p, e in files.items() if e.link is not None})
                 checks = {}
                 for p in database.DB_PATHS:
                     if p in files and files[p].link is None:
@@ -524,15 +804,12 @@ class Store:
                         if checks[p] != "ok":
                             raise StateError(f"{p}: restore drill fails: {checks[p]}")
             except BaseException as err:
-                for name in created:
+                for name in published:  # packs and blobs of this call only: nothing else names them
                     self.backend.delete(name)
                 if isinstance(err, StateError):
                     raise StateError(f"import refused: {err}") from None
                 raise
-            new_bytes = sum(self.backend.size(n) for n in created)
-            out = self._publish(
-                files, checks, label, "import", {}, len(created), new_bytes, started, time_unix
-            )
+            out = self._publish(files, checks, label, "import", {}, new_blobs, new_bytes, started, time_unix)
             return {**out, "skipped": skipped}
 
     def _snapshot(self, data_dir: Path, label: str) -> dict[str, Any]:
@@ -559,17 +836,26 @@ class Store:
     def _take_manifest(self, data_dir: Path, manifest: mirror.PersistManifest, label: str) -> dict[str, Any]:
         started = time.monotonic()
         files = {p: replace(e, racy=False) for p, e in manifest.files.items()}
+        cat = self.catalog()
         todo = [
-            e for e in files.values() if e.link is None and not self.backend.exists(blob_name(e.sha256 or ""))
+            e
+            for e in files.values()
+            if e.link is None and not cat.has(e.sha256, loose=_loose(e.path, e.size))
         ]
-        todo = list({e.sha256: e for e in todo}.values())
+        todo = list({(e.sha256, _loose(e.path, e.size)): e for e in todo}.values())
         prog = self._progress("snapshot")
         prog.set_totals(len(todo), sum(e.size for e in todo))
 
         def put(e: Entry) -> int:
             try:
-                with open(data_dir / e.path, "rb", buffering=0) as f:
-                    self.backend.write_once(blob_name(e.sha256 or ""), f, sha256=e.sha256)
+                if _loose(e.path, e.size):
+                    with open(data_dir / e.path, "rb", buffering=0) as f:
+                        self.backend.write_once(blob_name(e.sha256 or ""), f, sha256=e.sha256)
+                else:
+                    data = read_small(data_dir / e.path, e.size)
+                    if data is None or hashlib.sha256(data).hexdigest() != e.sha256:
+                        raise _Changed()
+                    self.backend.write_small(e.sha256 or "", data)
             except (HashMismatch, FileNotFoundError):
                 raise _Changed() from None
             prog.add(1, e.size)
@@ -614,13 +900,25 @@ class Store:
                 checks[p] = res["check"]
                 prog.add(1, size)
 
+        cat = self.catalog()
+
         def put(p: str) -> tuple[str, Entry | None, bool, int]:
+            if not _loose(p, nodes[p].size):
+                try:
+                    data = read_small(root / p, PACK_BLOB_MAX - 1)
+                except FileNotFoundError:
+                    return p, None, False, 0
+                if data is not None:  # else it grew past the limit: a loose blob, below
+                    sha = hashlib.sha256(data).hexdigest()
+                    created = not cat.has(sha) and self.backend.write_small(sha, data)
+                    prog.add(1, len(data))
+                    return p, Entry(p, len(data), nodes[p].mtime_ns, nodes[p].mode, sha), created, len(data)
             for _ in range(3):
                 try:
                     size, sha = hash_file(root / p)
                     name = blob_name(sha)
                     created = False
-                    if not self.backend.exists(name):
+                    if sha not in cat.loose:
                         with open(root / p, "rb", buffering=0) as f:
                             created = self.backend.write_once(name, f, sha256=sha)
                 except FileNotFoundError:
@@ -695,7 +993,7 @@ class Store:
         with tempfile.TemporaryDirectory(prefix="tabby-modal-drill-") as work:
             dst = Path(work) / "db.sqlite"
             try:
-                with self.backend.read(blob_name(entry.sha256 or "")) as f:
+                with self.open_blob(entry.sha256 or "") as f:
                     write_stream(dst, f, expect_sha256=entry.sha256, durable=False)
             except HashMismatch:
                 return "blob content does not match its sha256"
@@ -725,16 +1023,14 @@ class Store:
                 problem(sid, snapshot_name(sid), str(err))
         refs: dict[str, list[tuple[str, str]]] = {}
         sizes: dict[str, int] = {}
+        cat = self.catalog()
         for snap in snaps:
             for e in snap.files.values():
                 if e.link is not None:
                     continue
                 sha = e.sha256 or ""
                 if sha not in sizes:
-                    try:
-                        sizes[sha] = self.backend.size(blob_name(sha))
-                    except OSError:
-                        sizes[sha] = -1
+                    sizes[sha] = self._size(cat, sha)
                 if sizes[sha] < 0:
                     problem(snap.id, e.path, f"missing blob {sha[:12]}")
                 elif sizes[sha] != e.size:
@@ -752,7 +1048,7 @@ class Store:
 
         def rehash(sha: str) -> tuple[str, str | None]:
             try:
-                with self.backend.read(blob_name(sha)) as f:
+                with self._open(cat, sha) as f:
                     got = hash_stream(f)[1]
             except OSError as err:
                 return sha, f"cannot read blob: {err}"
@@ -791,7 +1087,7 @@ class Store:
                     continue
                 key = (e.sha256 or "", present)
                 if key not in meta_ok:
-                    with self.backend.read(blob_name(e.sha256 or "")) as f:
+                    with self._open(cat, e.sha256) as f:
                         meta_ok[key] = mirror.meta_missing(p, f.read(), present)
                 for missing in meta_ok[key][:3]:
                     problem(
@@ -887,6 +1183,7 @@ class Store:
         staging = meta / f"restore{TMP_STAGING}{secrets.token_hex(4)}"
         prog = self._progress("restore")
         prog.set_totals(len(snap.files), snap.bytes)
+        cat = self.catalog()
         try:
             ensure_dir(staging)
 
@@ -895,7 +1192,7 @@ class Store:
                 if e.link is not None:
                     make_link(dst, e.link, durable=False)
                     return
-                with self.backend.read(blob_name(e.sha256 or "")) as f:
+                with self._open(cat, e.sha256) as f:
                     write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
                 prog.add(1, e.size)
 
@@ -1006,32 +1303,79 @@ class Store:
             keep = self.plan(snaps, keep_last, keep_daily, keep_weekly) if snaps else set()
             drop = [s for s in snaps if s.id not in keep]
             referenced = {e.sha256 for s in snaps if s.id in keep for e in s.files.values() if e.link is None}
-            garbage: list[str] = []
+            garbage: list[str] = []  # loose blobs and packs to delete
+            repack: list[str] = []  # packs to rewrite without their garbage
             temp: list[str] = []
+            blobs_removed = freed = 0
+            cat = self.catalog()
             if not unreadable:
                 for name in self.backend.list("blobs/"):
                     if is_tmp(name):
                         temp.append(name)
                     elif name.rsplit("/", 1)[-1] not in referenced:
                         garbage.append(name)
+                        blobs_removed += 1
+                        with contextlib.suppress(OSError):
+                            freed += self.backend.size(name)
+                for name in self.backend.list("packs/"):
+                    if is_tmp(name):
+                        temp.append(name)
+                    if name not in cat.packs:
+                        continue  # a temp, or unreadable: its blobs cannot be known (verify reports them)
+                    index = cat.packs[name]
+                    dead = [n for sha, _, n in index if sha not in referenced]
+                    total = sum(n for _, _, n in index)
+                    if len(dead) == len(index):
+                        garbage.append(name)
+                    elif dead and sum(dead) >= REPACK_GARBAGE * total:
+                        repack.append(name)
+                    else:
+                        continue
+                    blobs_removed += len(dead)
+                    freed += sum(dead)
             temp += [n for n in self.backend.list("snapshots/") if is_tmp(n)]
-            freed = 0
-            for name in garbage:
-                with contextlib.suppress(OSError):
-                    freed += self.backend.size(name)
             if not dry_run:
                 for s in drop:
                     self.backend.delete(snapshot_name(s.id))
-                for name in [*garbage, *temp]:
+                if repack:
+                    repack = self._repack(cat, repack, referenced)
+                for name in [*garbage, *repack, *temp]:
                     self.backend.delete(name)
         return {
             "dry_run": dry_run,
             "kept": sorted(keep),
             "removed": sorted(s.id for s in drop),
-            "blobs_removed": len(garbage),
+            "blobs_removed": blobs_removed,
             "bytes_freed": freed,
+            "packs_removed": sum(n.startswith("packs/") for n in garbage),
+            "packs_repacked": len(repack),
             "temp_removed": len(temp),
             "unreadable": unreadable,
             "blob_gc": not unreadable,
             "seconds": round(time.monotonic() - started, 4),
         }
+
+    def _repack(self, cat: Catalog, packs: list[str], referenced: set[str | None]) -> list[str]:
+        """Copy the still-named blobs of `packs` into new packs, durable before the old ones may be deleted; returns
+        the packs rewritten.
+
+        Each blob is re-hashed on the way: a pack holding one that does not match its name is left as it is (verify
+        reports it; deleting the pack could lose the other blobs' only copy). A crash before the old packs are gone
+        leaves blobs in two packs, which is harmless: the first listed is read, and prune deletes the other later."""
+        done = []
+        with self.backend.batch():
+            for name in packs:
+                keep = []
+                for sha, off, n in cat.packs[name]:
+                    if sha not in referenced or cat.packed.get(sha, (name,))[0] != name:
+                        continue  # garbage, or the copy read is in another pack
+                    with self.backend.read_range(name, off, n) as f:
+                        data = f.read()
+                    if hashlib.sha256(data).hexdigest() != sha:
+                        break
+                    keep.append((sha, data))
+                else:
+                    for sha, data in keep:
+                        self.backend.write_small(sha, data)
+                    done.append(name)
+        return done

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.store import blob_name
+from shared.store import Store
 from tests.conftest import run_cli
 from tests.tabby_root import make_root, tree_state
 
@@ -79,9 +79,12 @@ def test_verify_exit_1_names_snapshot_and_path_and_restore_is_refused(box, tmp_p
     snap = ok(["snapshot", "--local", d], tmp_path)
     manifest = json.loads((box / f"backups/snapshots/{snap['id']}.json").read_bytes())
     entry = next(f for f in manifest["files"] if f["path"] == "config.toml")
-    blob = box / "backups" / blob_name(entry["sha256"])
+    name, offset, length = Store.open(box / "backups").locate(entry["sha256"])
+    blob = box / "backups" / name
     os.chmod(blob, 0o644)
-    blob.write_bytes(blob.read_bytes()[:-1] + b"?")
+    raw = bytearray(blob.read_bytes())
+    raw[offset + length - 1] ^= 0x01  # the last byte of config.toml, inside its pack
+    blob.write_bytes(bytes(raw))
     proc = run_cli(["verify", "--local", d, "--json"], tmp_path)
     assert proc.returncode == 1
     result = json.loads(proc.stdout)

@@ -20,7 +20,7 @@ from pathlib import Path
 from shared import database, mirror
 from shared.atomic import write_stream
 from shared.locks import LOCK_NAME
-from shared.store import Store, blob_name
+from shared.store import Store
 from tests.conftest import REPO
 from tests.tabby_root import make_root, tantivy_commit
 
@@ -45,7 +45,7 @@ def _committed(mark: Path) -> int:
 def _counter_of_blob(store: Store, sha: str, work: Path) -> tuple[str, list[int]]:
     """Restore-drill one database blob: integrity_check result and the counter values it holds."""
     dst = work / "drill.sqlite"
-    with store.backend.read(blob_name(sha)) as f:
+    with store.open_blob(sha) as f:
         write_stream(dst, f, expect_sha256=sha, durable=False)
     check = database.check_file(dst, "full")
     with sqlite3.connect(f"file:{dst}?mode=ro", uri=True) as conn:
@@ -95,7 +95,7 @@ def test_busy_writer_every_snapshot_holds_a_prefix_of_the_counter(tmp_path):
             seen_max = max(seen_max, k)
 
             def read(p: str, files=loaded.files) -> bytes:
-                with store.backend.read(blob_name(files[p].sha256)) as f:
+                with store.open_blob(files[p].sha256) as f:
                     return f.read()
 
             _index_sound(loaded.files, read)

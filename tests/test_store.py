@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,7 +21,16 @@ from shared.atomic import HashMismatch, StateError
 from shared.locks import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
 from shared.mirror import Entry
 from shared.progress import Progress
-from shared.store import ID_RE, DirectoryBackend, Snapshot, Store, UnknownSnapshot, blob_name, snapshot_name
+from shared.store import (
+    ID_RE,
+    PACK_FOOTER,
+    DirectoryBackend,
+    Snapshot,
+    Store,
+    UnknownSnapshot,
+    blob_name,
+    snapshot_name,
+)
 from tests.conftest import REPO
 from tests.tabby_root import counter_values, make_root, tree_state
 
@@ -128,21 +138,25 @@ def test_every_flipped_byte_is_found_and_blocks_restore(env, tmp_path):
     mirror.persist(tmp_path / "small", tmp_path / "sdata")
     sid = env.store.snapshot(tmp_path / "sdata")["id"]
     snap = env.store.load(sid)
-    by_sha = {e.sha256: p for p, e in snap.files.items() if e.link is None}
+    by_sha: dict[str, list[str]] = {}
+    for p, e in sorted(snap.files.items()):
+        if e.link is None:
+            by_sha.setdefault(e.sha256, []).append(p)
     target = tmp_path / "target"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    assert len(blobs(env.backups)) == len(by_sha) > 20
-    for i, blob in enumerate(blobs(env.backups)):
+    assert len(by_sha) > 20
+    where = {sha: env.store.locate(sha) for sha in by_sha}
+    assert any(name.startswith("packs/") for name, _, _ in where.values())  # small files are packed
+    assert where[snap.files["ee/db.sqlite"].sha256][0].startswith("blobs/")  # the database is not
+    for i, (sha, (name, offset, length)) in enumerate(sorted(where.items())):
+        blob = env.backups / name
         original = blob.read_bytes()
-        flip(blob, offset=i * 7919)
+        flip(blob, offset=offset + (i * 7919) % length)  # a byte of this blob, wherever it lives
         report = env.store.verify(sid)
         assert not report["ok"]
-        assert {
-            "snapshot": sid,
-            "path": by_sha[blob.name],
-            "problem": report["problems"][0]["problem"],
-        } in report["problems"]
+        corrupt = "blob content does not match its sha256 (corrupt)"
+        assert report["problems"] == [{"snapshot": sid, "path": p, "problem": corrupt} for p in by_sha[sha]]
         before = (tree_state(target), tree_state(env.backups))
         with pytest.raises(StateError, match="fails verification"):
             env.store.restore(sid, target, force=True)
@@ -314,7 +328,8 @@ def test_prune_forgets_old_snapshots_then_their_blobs(env):
         label="old",
         time_unix=now - 40 * DAY,
     )["id"]
-    only_old_blob = env.backups / blob_name(env.store.load(snap_old).files["only-old.txt"].sha256)
+    only_old_blob = env.backups / env.store.locate(env.store.load(snap_old).files["only-old.txt"].sha256)[0]
+    assert only_old_blob.exists()
     (env.backups / "blobs/.incoming.tmtmp-dead").write_bytes(b"half a blob")
 
     before = tree_state(env.backups)
@@ -389,7 +404,8 @@ def test_iter_files_and_import_entries_round_trip(env, tmp_path):
 def test_iter_files_raises_on_a_corrupt_blob(env):
     sid = env.store.snapshot(env.data)["id"]
     e = env.store.load(sid).files["config.toml"]
-    flip(env.backups / blob_name(e.sha256))
+    name, offset, _ = env.store.locate(e.sha256)
+    flip(env.backups / name, offset)
     with pytest.raises(HashMismatch):
         for _entry, f in env.store.iter_files(sid):
             if f is not None:
@@ -425,6 +441,147 @@ def test_add_tree(env, tmp_path):
     assert res["consistency"] == "direct" and res["id"].endswith("-laptop")
     with pytest.raises(StateError):
         env.store.add_tree(tmp_path / "nope")
+
+
+# --- packs ------------------------------------------------------------------------------------------------------
+
+
+def _import(store: Store, files: dict[str, bytes], when: float, label: str) -> str:
+    entries = [(Entry(p, size=len(b), mtime_ns=0, mode=0o644), io.BytesIO(b)) for p, b in files.items()]
+    return store.import_entries(entries, label=label, time_unix=when)["id"]
+
+
+def test_a_corrupt_pack_index_names_each_snapshot_and_path_and_blocks_restore(env, tmp_path):
+    sid = env.store.snapshot(env.data)["id"]
+    snap = env.store.load(sid)
+    cfg = snap.files["config.toml"]
+    pack, _, _ = env.store.locate(cfg.sha256)
+    held = {sha for sha, _, _ in env.store.catalog().packs[pack]}
+    paths = sorted(p for p, e in snap.files.items() if e.sha256 in held)
+    size = (env.backups / pack).stat().st_size
+    flip(env.backups / pack, size - PACK_FOOTER.size - 2)  # inside the pack's index
+    fresh = Store.open(env.backups)  # no cached index
+    report = fresh.verify()
+    assert not report["ok"]
+    assert sorted(pr["path"] for pr in report["problems"]) == paths
+    assert all(pr["snapshot"] == sid and "missing blob" in pr["problem"] for pr in report["problems"])
+    with pytest.raises(StateError, match="fails verification"):
+        fresh.restore(sid, tmp_path / "target", force=True)
+    assert (
+        fresh.prune(0, 0, 0)["packs_removed"] == 0 and (env.backups / pack).exists()
+    )  # its blobs are unknown
+
+
+CHILD_KILLED_MID_PACK = """
+import os, sys, time
+from pathlib import Path
+from shared import store as st
+from shared.store import Store
+first = st._PackWriter.add
+def add(self, sha, data):
+    first(self, sha, data)
+    self.f.flush()
+    print("mid-pack", self.tmp, flush=True)
+    time.sleep(3600)  # until the parent kills us
+st._PackWriter.add = add
+Store.open(Path(sys.argv[1])).snapshot(Path(sys.argv[2]), "killed")
+"""
+
+
+def test_a_pack_left_half_written_by_a_killed_snapshot_is_harmless(env, tmp_path):
+    base = env.store.snapshot(env.data, "base")["id"]
+    (env.live / "new-file.txt").write_text("content no pack has yet")
+    mirror.persist(env.live, env.data)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD_KILLED_MID_PACK, str(env.backups), str(env.data)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline().split()
+    assert line[0] == "mid-pack", line
+    half = Path(line[1])
+    assert half.parent == env.backups / "packs" and half.stat().st_size > 0
+    proc.kill()
+    proc.wait()
+    assert env.store.ids() == [base]  # no manifest for the killed run
+    assert env.store.verify()["ok"] and env.store.stats()["packs"] >= 1
+    again = env.store.snapshot(env.data, "again")
+    assert again["new_blobs"] >= 1 and env.store.verify()["ok"]
+    env.store.restore(again["id"], tmp_path / "target", force=True)
+    assert (tmp_path / "target/new-file.txt").read_text() == "content no pack has yet"
+    res = env.store.prune(10, 0, 0)
+    assert res["temp_removed"] >= 1 and not half.exists() and res["removed"] == []
+
+
+def test_prune_deletes_dead_packs_repacks_mostly_dead_ones_and_keeps_the_rest(tmp_path):
+    store = Store.open(tmp_path / "backups")
+    now = time.time()
+    blob = {f"f{i}": os.urandom(10_000) for i in range(30)}
+    old = _import(store, {f"a/{i}": blob[f"f{i}"] for i in range(10)}, now - 3 * DAY, "old")
+    mid = _import(store, {f"b/{i}": blob[f"f{i}"] for i in range(10, 20)}, now - 2 * DAY, "mid")
+    light = _import(store, {f"c/{i}": blob[f"f{i}"] for i in range(20, 30)}, now - DAY, "light")
+    # The newest names 2 of mid's 10 blobs (80% of that pack is garbage) and 9 of light's 10 (10% garbage).
+    keep = {"b/10": blob["f10"], "b/11": blob["f11"], **{f"c/{i}": blob[f"f{i}"] for i in range(21, 30)}}
+    newest = _import(store, keep, now, "newest")
+    packs = {name: {sha for sha, _, _ in idx} for name, idx in store.catalog().packs.items()}
+    assert len(packs) == 3 and store.stats()["blobs"] == 30
+
+    before = tree_state(tmp_path / "backups")
+    plan = store.prune(1, 0, 0, dry_run=True)
+    assert tree_state(tmp_path / "backups") == before
+    assert plan["removed"] == sorted([old, mid, light]) and plan["blobs_removed"] == 10 + 8
+    assert plan["packs_removed"] == 1 and plan["packs_repacked"] == 1
+
+    res = store.prune(1, 0, 0)
+    assert {k: res[k] for k in ("blobs_removed", "packs_removed", "packs_repacked")} == {
+        "blobs_removed": 18,
+        "packs_removed": 1,
+        "packs_repacked": 1,
+    }
+    cat = store.catalog()
+    assert len(cat.packs) == 2 and set(cat.packed) == {
+        hashlib.sha256(b).hexdigest() for b in blob.values()
+    } - {
+        hashlib.sha256(blob[f"f{i}"]).hexdigest() for i in [*range(10), *range(12, 20)]
+    }  # the lightly dead pack kept its one dead blob
+    assert store.ids() == [newest] and store.verify()["ok"]
+    store.restore(newest, tmp_path / "target", force=True)
+    assert {p: (tmp_path / "target" / p).read_bytes() for p in keep} == keep
+
+
+def test_stores_without_packs_are_read_as_they_are(env, tmp_path):
+    """A store from before packs: every blob a loose file under blobs/."""
+    sid = env.store.snapshot(env.data)["id"]
+    for sha, (name, offset, length) in {s: env.store.locate(s) for s in env.store.catalog().packed}.items():
+        with (env.backups / name).open("rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        (env.backups / blob_name(sha)).parent.mkdir(exist_ok=True)
+        (env.backups / blob_name(sha)).write_bytes(data)
+    shutil.rmtree(env.backups / "packs")
+    old = Store.open(env.backups)
+    assert old.verify()["ok"] and old.stats()["packs"] == 0
+    assert old.snapshot(env.data)["new_blobs"] == 0
+    old.restore(sid, tmp_path / "target", force=True)
+    assert database.check_file(tmp_path / "target/ee/db.sqlite") == "ok"
+
+
+def test_write_small_only_inside_a_batch_and_an_aborted_batch_leaves_nothing(tmp_path):
+    be = DirectoryBackend(tmp_path)
+    sha = hashlib.sha256(b"hello").hexdigest()
+    with pytest.raises(RuntimeError):
+        be.write_small(sha, b"hello")
+    with pytest.raises(KeyboardInterrupt), be.batch():
+        assert be.write_small(sha, b"hello") is True
+        assert be.write_small(sha, b"hello") is False  # once per batch
+        raise KeyboardInterrupt
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    with be.batch() as published:
+        be.write_small(sha, b"hello")
+    assert len(published) == 1 and published[0].startswith("packs/")
+    assert be.pack_index(published[0]) == [(sha, 0, 5)]
+    assert be.read_range(published[0], 0, 5).read() == b"hello"
 
 
 # --- backend ----------------------------------------------------------------------------------------------------
