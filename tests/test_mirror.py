@@ -53,6 +53,14 @@ def data_is_consistent(data: Path) -> None:
 
 def test_roundtrip_keeps_content_modes_mtimes_and_links(live, tmp_path):
     data, back = tmp_path / "data", tmp_path / "back"
+    for name, mode in (
+        ("private.txt", 0o600),
+        ("tool.sh", 0o755),
+        ("shared.txt", 0o666),
+        ("odd.txt", 0o1640),
+    ):
+        (live / name).write_text(name)
+        os.chmod(live / name, mode)  # 0o666: bits the umask would drop when the file is created
     res = mirror.persist(live, data)
     assert res["databases"] == {"ee/db.sqlite": "ok"} and res["wrote_manifest"]
     hy = mirror.hydrate(data, back)
@@ -239,7 +247,9 @@ def _corrupt_db_but_keep_manifest_honest(data: Path) -> None:
     (data / mirror.MANIFEST).write_bytes(json.dumps(doc).encode())
 
 
-@pytest.mark.parametrize("damage", ["db-fails-check", "file-changed", "file-missing"])
+@pytest.mark.parametrize(
+    "damage", ["db-fails-check", "file-changed", "file-grew", "file-shrank", "file-missing"]
+)
 def test_hydrate_refuses_damaged_state_and_touches_nothing(live, tmp_path, damage):
     data, back = tmp_path / "data", tmp_path / "back"
     mirror.persist(live, data)
@@ -251,6 +261,10 @@ def test_hydrate_refuses_damaged_state_and_touches_nothing(live, tmp_path, damag
         raw = bytearray(f.read_bytes())
         raw[0] ^= 0xFF
         f.write_bytes(bytes(raw))
+    elif damage in ("file-grew", "file-shrank"):
+        f = next((data / "index").glob("*.pos"))
+        raw = f.read_bytes()
+        f.write_bytes(raw + b"x" if damage == "file-grew" else raw[:-1])
     else:
         next((data / "index").glob("*.term")).unlink()
     before_live, before_data = tree_state(back), tree_state(data)
