@@ -1023,6 +1023,7 @@ class Store:
                 problem(sid, snapshot_name(sid), str(err))
         refs: dict[str, list[tuple[str, str]]] = {}
         sizes: dict[str, int] = {}
+        self._pack_cache.clear()  # every pack index is read again, its checksum checked
         cat = self.catalog()
         for snap in snaps:
             for e in snap.files.values():
