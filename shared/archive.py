@@ -14,6 +14,7 @@ as a snapshot ready to `restore`. Both stream: no file is held in memory whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -138,13 +139,17 @@ def _relpath(member: tarfile.TarInfo, prefix: str) -> str | None:
 def _entries(tar: tarfile.TarFile, work: Path, prog: Progress) -> Iterator[tuple[Entry, IO[bytes] | None]]:
     members, prefix = _member_paths(tar)
     family: dict[str, dict[str, tarfile.TarInfo]] = {}
+    dbs: dict[str, tarfile.TarInfo] = {}
     for m in members:
         path = _relpath(m, prefix)
         if path is None or m.isdir():
             continue
         mtime_ns = int(m.mtime * 1_000_000_000)
-        if path in DB_FAMILY:
-            family.setdefault(DB_FAMILY[path], {})[path] = m
+        if path in DB_FAMILY and path != DB_FAMILY[path]:
+            family.setdefault(DB_FAMILY[path], {})[path] = m  # a sidecar: its DB needs the backup API
+            continue
+        if path in DB_FAMILY and m.isfile():
+            dbs[path] = m  # streamed as it is unless a -wal turns up later in the archive
             continue
         if m.issym():
             yield Entry(path, mode=0o777, link=m.linkname), None
@@ -159,28 +164,41 @@ def _entries(tar: tarfile.TarFile, work: Path, prog: Progress) -> Iterator[tuple
             yield Entry(path, size, mtime_ns, m.mode & 0o7777), reader
         prog.add(1, size)
     for db, parts in sorted(family.items()):
-        if db not in parts:
+        if db not in dbs:
             raise StateError(f"import refused: {sorted(parts)[0]} without its database {db}")
-        main = parts[db]
+        main = parts[db] = dbs.pop(db)
         if not main.isfile():
             raise StateError(f"import refused: {main.name}: the database is not a regular file")
-        # The DB and its -wal go to a private folder; the backup API makes one consistent, checked file of them.
+        # The DB with its -wal or hot -journal goes to a private folder; opening it there once lets SQLite recover
+        # (replay committed WAL frames, roll back a half-done transaction); the backup API then makes one
+        # consistent, checked file of it.
         here = work / db.replace("/", "_")
         here.mkdir()
         for path, m in parts.items():
-            if path.endswith(("-shm", "-journal")):
-                continue  # -shm is rebuilt by SQLite; a hot -journal would roll back half a write: drop both
+            if path.endswith("-shm"):
+                continue  # an index into the -wal, rebuilt by SQLite
             if not m.isfile():
                 raise StateError(f"import refused: {m.name}: not a regular file")
             src = tar.extractfile(m)
             assert src is not None
             with src, open(here / Path(path).name, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            with contextlib.closing(sqlite3.connect(here / Path(db).name)) as conn:
+                conn.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise StateError(f"import refused: {db}: {err}") from None
         copy = work / (db.replace("/", "_") + ".copy")
         database.backup(here / Path(db).name, copy, private_copy=True, check="full", durable=False)
         with open(copy, "rb") as f:
             yield Entry(db, copy.stat().st_size, int(main.mtime * 1_000_000_000), main.mode & 0o7777), f
         prog.add(1, copy.stat().st_size)
+    for db, m in sorted(dbs.items()):  # no sidecars: the file is the database, byte for byte
+        reader = tar.extractfile(m)
+        assert reader is not None
+        with reader:
+            yield Entry(db, m.size, int(m.mtime * 1_000_000_000), m.mode & 0o7777), reader
+        prog.add(1, m.size)
 
 
 def import_archive(

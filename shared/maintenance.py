@@ -53,7 +53,7 @@ class Maintenance:
         data: VolumeLike | None = None,
         backups: VolumeLike | None = None,
         server_containers: Callable[[], int] | None = None,
-        store_wait: float = STORE_WAIT,
+        store_wait: float | None = None,
     ) -> None:
         self.ops = ops
         self.locks = locks
@@ -62,7 +62,7 @@ class Maintenance:
         self.data = data
         self.backups = backups
         self.server_containers = server_containers
-        self.store_wait = store_wait
+        self.store_wait = STORE_WAIT if store_wait is None else store_wait
 
     # --- plumbing ---------------------------------------------------------------------------------------------
 
@@ -168,13 +168,13 @@ class Maintenance:
         """Write a snapshot as a .tar.gz at `out` (see shared.archive)."""
         with self._lease(lease.STORE, "export", wait=self.store_wait):
             self._reload(self.backups)
-            return archive.export_snapshot(
-                self.ops.store,
-                snapshot_id,
-                Path(out),
-                progress=self.ops.progress("export"),
-                overwrite=overwrite,
-            )
+            return self._export(snapshot_id, Path(out), overwrite)
+
+    def _export(self, snapshot_id: str, out: Path, overwrite: bool) -> dict[str, Any]:
+        progress = self.ops.progress("export")
+        return archive.export_snapshot(
+            self.ops.store, snapshot_id, out, progress=progress, overwrite=overwrite
+        )
 
     def import_archive(
         self, path: Path, label: str = "import", *, remove_after: bool = False
@@ -192,11 +192,13 @@ class Maintenance:
     def export_transfer(self, snapshot_id: str, name: str) -> dict[str, Any]:
         """Export into the backups Volume's transfer folder, committed, for the client to download."""
         rel, path = self._transfer(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            result = self.export_archive(snapshot_id, path)
-        finally:
-            self._commit(self.backups)
+        with self._lease(lease.STORE, "export", wait=self.store_wait):
+            self._reload(self.backups)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                result = self._export(snapshot_id, path, overwrite=False)
+            finally:
+                self._commit(self.backups)
         return {**result, "transfer": rel}
 
     def import_transfer(self, name: str, label: str = "import") -> dict[str, Any]:
@@ -232,12 +234,12 @@ class Maintenance:
         self._reload(self.backups)
         self.ops.store.resolve(snapshot_id)  # an unknown id is refused before any lease is taken
         with self._writing_data("restore", force):
-            return self.ops.restore(snapshot_id, force=force)
+            return self.ops.restore(snapshot_id, force=force, guard=self.server_containers is None)
 
     def reset(self, scope: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
         self._confirm(f"reset --scope {scope}", confirm)
         with self._writing_data(f"reset {scope}", force):
-            return self.ops.reset(scope, force=force)
+            return self.ops.reset(scope, force=force, guard=self.server_containers is None)
 
     # --- leases -----------------------------------------------------------------------------------------------
 

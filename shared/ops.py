@@ -63,9 +63,10 @@ class LocalOps:
         """{ok, problems: [{snapshot, path, problem}], snapshots, blobs, blobs_checked, ...}."""
         return self.store.verify(snapshot_id, sample)
 
-    def restore(self, snapshot_id: str, force: bool = False) -> dict[str, Any]:
-        """{restored, files, bytes, safety_snapshot, seconds}; StateError when refused (nothing written)."""
-        return self.store.restore(snapshot_id, self.data_dir, force=force)
+    def restore(self, snapshot_id: str, force: bool = False, guard: bool = True) -> dict[str, Any]:
+        """{restored, files, bytes, safety_snapshot, seconds}; StateError when refused (nothing written).
+        `guard=False` skips the recent-persist heuristic (for callers that asked Modal whether a server runs)."""
+        return self.store.restore(snapshot_id, self.data_dir, force=force, guard=guard)
 
     def prune(
         self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False
@@ -73,9 +74,9 @@ class LocalOps:
         """{dry_run, kept, removed, blobs_removed, bytes_freed, ...}."""
         return self.store.prune(keep_last, keep_daily, keep_weekly, dry_run=dry_run)
 
-    def reset(self, scope: str, force: bool = False) -> dict[str, Any]:
+    def reset(self, scope: str, force: bool = False, guard: bool = True) -> dict[str, Any]:
         """{scope, removed_files, removed_bytes, files_left, safety_snapshot, seconds}."""
-        return self.store.reset(self.data_dir, scope, force=force)
+        return self.store.reset(self.data_dir, scope, force=force, guard=guard)
 
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         """{db: {integrity, users, owner, tables, schema_version}, dirs, files, bytes, inodes, last_persist,

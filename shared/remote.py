@@ -65,7 +65,7 @@ class RemoteOps:
             self._locks = lease.modal_dict(self.settings)
         return self._locks
 
-    def _call(self, name: str, **kwargs: Any) -> Any:
+    def _call(self, name: str, /, **kwargs: Any) -> Any:
         """Run function `name` of the maintenance app; Modal's failures become one-line StateErrors."""
         from modal.exception import NotFoundError
 
