@@ -123,7 +123,7 @@ def _member_paths(tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str]:
         (top,) = tops
         wrapper = all(n == top or n.startswith(top + "/") for n in names if n and n != ".")
         only_dir = all(m.isdir() for m, n in zip(members, names, strict=True) if n == top)
-        if wrapper and only_dir and top not in TABBY_TOP:
+        if wrapper and only_dir and top and top not in TABBY_TOP:
             return members, top + "/"
     return members, ""
 
@@ -212,11 +212,12 @@ def import_archive(
     try:
         tar = tarfile.open(archive, mode="r:*")  # noqa: SIM115 (closed by the `with` below)
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise StateError(f"{archive}: not a readable tar archive ({err})") from None
+        first = str(err).splitlines()[0].rstrip(":") if str(err) else type(err).__name__
+        raise StateError(f"{archive}: not a readable tar archive ({first})") from None
     with tar, tempfile.TemporaryDirectory(prefix="tabby-modal-import-") as work:
         try:
             result = store.import_entries(_entries(tar, Path(work), prog), label=label)
         except (tarfile.TarError, EOFError, sqlite3.DatabaseError) as err:
-            raise StateError(f"import refused: {archive}: {err}") from None
+            raise StateError(f"import refused: {archive}: {' '.join(str(err).split())}") from None
     prog.finish()
     return {**result, "archive": str(archive)}

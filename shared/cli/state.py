@@ -305,6 +305,9 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
         snaps = r.get("snapshots")
         if snaps:
             lines.append(f"snapshots: {snaps['count']}, store {_mib(snaps['bytes'])}")
+        for key, held in (r.get("locks") or {}).items():
+            if held and held.get("live"):
+                lines.append(f"{key} lock: {held['describe']}")
         return "\n".join(lines)
 
     emit(result, as_json, human)
