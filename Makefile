@@ -72,12 +72,13 @@ deploy: deploy-warmer deploy-maintenance deploy-server ## Deploy all three apps
 stop-server: need-modal ## Stop the server app's containers (before restore/reset)
 	$(MODAL) app stop $(ENVF) $(shell $(TM) config --get server_app)
 
-rotate-jwt-secret: need-modal ## New JWT secret + setup token in tabby-secrets, then stop the server to apply
+rotate-jwt-secret: need-modal ## New JWT secret + setup token in tabby-secrets, then stop and redeploy the server
 	@uuid() { $(PY) -c 'import uuid; print(uuid.uuid4())'; }; \
 	$(MODAL) secret create $(ENVF) --force "$$($(TM) config --get secret_name)" \
 		TABBY_WEBSERVER_JWT_TOKEN_SECRET="$$(uuid)" TABBY_MODAL_SETUP_TOKEN="$$(uuid)" >/dev/null
-	@echo "rotated: browser sessions end at the next start; IDE auth tokens keep working"
+	@echo "rotated: browser sessions end now; IDE auth tokens keep working"
 	@$(MAKE) --no-print-directory stop-server
+	@$(MAKE) --no-print-directory deploy-server
 
 serve-local: ## Run Tabby + the proxy locally (needs TABBY_BIN or tabby on PATH)
 	$(TM) serve --local $(LOCAL)

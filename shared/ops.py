@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared import inspection, mirror
-from shared.atomic import StateError
 from shared.progress import DEFAULT_INTERVAL, Progress
 from shared.store import Store
 
@@ -36,19 +35,20 @@ class LocalOps:
         self.backups_dir = Path(backups_dir)
         self.progress_interval = progress_interval
         self.store = Store.open(
-            self.backups_dir, lock_ttl=lock_ttl, lock_wait=lock_wait, progress=self._progress
+            self.backups_dir, lock_ttl=lock_ttl, lock_wait=lock_wait, progress=self.progress
         )
 
-    def _progress(self, label: str) -> Progress:
+    def progress(self, label: str) -> Progress:
+        """A progress reporter for a long run, printing at most every `progress_interval` seconds."""
         return Progress(label, interval=self.progress_interval)
 
     def persist(self, root: Path, *, commit: Callable[[], None] | None = None) -> dict[str, Any]:
         """Mirror live root `root` into the data dir (see mirror.persist)."""
-        return mirror.persist(Path(root), self.data_dir, commit=commit, progress=self._progress("persist"))
+        return mirror.persist(Path(root), self.data_dir, commit=commit, progress=self.progress("persist"))
 
     def hydrate(self, root: Path) -> dict[str, Any]:
         """Lay the data dir's last persisted state down at `root` (see mirror.hydrate)."""
-        return mirror.hydrate(self.data_dir, Path(root), progress=self._progress("hydrate"))
+        return mirror.hydrate(self.data_dir, Path(root), progress=self.progress("hydrate"))
 
     def snapshot(self, label: str = "manual") -> dict[str, Any]:
         """{id, label, time, files, bytes, new_blobs, new_bytes, consistency, databases, seconds}."""
@@ -63,9 +63,10 @@ class LocalOps:
         """{ok, problems: [{snapshot, path, problem}], snapshots, blobs, blobs_checked, ...}."""
         return self.store.verify(snapshot_id, sample)
 
-    def restore(self, snapshot_id: str, force: bool = False) -> dict[str, Any]:
-        """{restored, files, bytes, safety_snapshot, seconds}; StateError when refused (nothing written)."""
-        return self.store.restore(snapshot_id, self.data_dir, force=force)
+    def restore(self, snapshot_id: str, force: bool = False, guard: bool = True) -> dict[str, Any]:
+        """{restored, files, bytes, safety_snapshot, seconds}; StateError when refused (nothing written).
+        `guard=False` skips the recent-persist heuristic (for callers that asked Modal whether a server runs)."""
+        return self.store.restore(snapshot_id, self.data_dir, force=force, guard=guard)
 
     def prune(
         self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False
@@ -73,9 +74,9 @@ class LocalOps:
         """{dry_run, kept, removed, blobs_removed, bytes_freed, ...}."""
         return self.store.prune(keep_last, keep_daily, keep_weekly, dry_run=dry_run)
 
-    def reset(self, scope: str, force: bool = False) -> dict[str, Any]:
+    def reset(self, scope: str, force: bool = False, guard: bool = True) -> dict[str, Any]:
         """{scope, removed_files, removed_bytes, files_left, safety_snapshot, seconds}."""
-        return self.store.reset(self.data_dir, scope, force=force)
+        return self.store.reset(self.data_dir, scope, force=force, guard=guard)
 
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         """{db: {integrity, users, owner, tables, schema_version}, dirs, files, bytes, inodes, last_persist,
@@ -84,14 +85,11 @@ class LocalOps:
 
 
 def open_ops(settings: Settings, local: str | None) -> Any:
-    """`LocalOps` on DIR/data and DIR/backups for `--local DIR`; else the remote form (imported lazily)."""
+    """`--local DIR`: the maintenance rules over DIR/data and DIR/backups; else the deployed maintenance app."""
     if local is not None:
-        dirs = settings.local_dirs(local)
-        return LocalOps(dirs["data"], dirs["backups"], lock_ttl=settings.lock_ttl)
-    try:
-        from shared.remote import RemoteOps  # type: ignore[import-not-found]
-    except ModuleNotFoundError as err:
-        if err.name != "shared.remote":
-            raise
-        raise StateError("remote state operations are not available yet: use --local DIR") from None
+        from shared.maintenance import for_local
+
+        return for_local(settings, local)
+    from shared.remote import RemoteOps
+
     return RemoteOps(settings)

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     keep_weekly: int = Field(
         8, ge=0, le=10000, description="Retention: one snapshot per ISO week for this many weeks."
     )
+    maintenance_timeout: int = Field(
+        3600,
+        ge=60,
+        le=86400,
+        description="Timeout of each maintenance function (snapshot, restore, ...), seconds.",
+    )
     lock_ttl: int = Field(
         3600, ge=60, le=86400, description="Seconds before a crashed run's maintenance lock expires."
     )

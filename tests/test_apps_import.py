@@ -19,7 +19,7 @@ print("imported")
 
 
 def test_the_three_apps_are_here():
-    assert {"warmer"} <= set(APPS)
+    assert set(APPS) == {"warmer", "server", "maintenance"}
 
 
 @pytest.mark.parametrize("name", APPS)

@@ -36,3 +36,30 @@ def test_every_tabby_modal_command_named_exists():
     commands = set(re.findall(r"^  ([a-z][a-z-]*)\s", help_text, re.M))
     named = set(re.findall(r"`tabby-modal ([a-z][a-z-]*)", README))
     assert named <= commands, f"README names unknown commands: {named - commands}"
+
+
+def test_runbook_covers_every_operation_with_real_commands():
+    runbook = README.split("## Runbook")[1].split("\n## ")[0]
+    for topic in (
+        "Back up",
+        "List",
+        "Verify",
+        "Restore",
+        "Reset",
+        "Prune",
+        "self-hosted",
+        "Stop and start",
+        "Rotate the JWT secret",
+        "unlock",
+    ):
+        assert topic in runbook, f"runbook lacks {topic!r}"
+    import ast
+
+    app = ast.parse((REPO / "apps/maintenance.py").read_text())
+    functions = {f.name: {a.arg for a in f.args.args} for f in app.body if isinstance(f, ast.FunctionDef)}
+    calls = re.findall(r"modal run -m apps\.maintenance::(\w+)([^\n]*)", runbook)
+    assert len(calls) >= 7
+    for name, flags in calls:
+        assert name in functions, f"runbook runs unknown function {name}"
+        for flag in re.findall(r"--([\w-]+)", flags):
+            assert flag.replace("-", "_") in functions[name], f"{name} has no --{flag}"

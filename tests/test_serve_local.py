@@ -150,3 +150,32 @@ def test_serve_local_start_failure_exits_1_with_the_reason(tmp_path):
     assert proc.returncode == 1
     assert "error: tabby exited with code 5 while starting" in err
     assert "stand-in crash" in err  # Tabby's own last lines are in the log
+
+
+def test_serve_local_waits_for_a_local_restore_lease(tmp_path):
+    from shared.lease import DirDict, Lease
+
+    local = tmp_path / "state"
+    held = Lease(DirDict(local / "locks"), "maintenance", "restore", ttl=600, owner="ops").acquire()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_serve(tmp_path, local, port, STANDIN_LOAD_SECONDS="0.1")
+    try:
+
+        def refused() -> bool:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                status, body = get(f"{url}/v1/health")
+            except OSError:
+                return False
+            return status == 503 and b"maintenance in progress" in body and b"restore by ops" in body
+
+        poll(refused, 30, 0.02, "a 503 naming the lease")
+        assert not (local / "live").exists()  # nothing hydrated while the lease is held
+        held.release()
+        poll(lambda: get(f"{url}/v1/health")[0] == 403, 30, 0.05, "Tabby to start after the lease")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "restore by ops" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -193,7 +192,18 @@ def test_persist_and_hydrate_are_local_only(tmp_path):
     )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shared.remote") is not None, reason="shared.remote exists")
-def test_without_local_and_without_remote_support_one_line_exit_2(tmp_path):
-    assert "--local" in refused(["snapshots"], tmp_path)
-    assert "--local" in refused(["verify", "--json"], tmp_path)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["snapshots"],
+        ["verify", "--json"],
+        ["snapshot", "--label", "x"],
+        ["inspect"],
+        ["export", "latest", "--out", "x.tar.gz"],
+        ["import", "x.tar.gz"],
+        ["unlock"],
+    ],
+)
+def test_remote_form_without_credentials_is_one_line_exit_2(tmp_path, args):
+    assert "No Modal credentials" in refused(args, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a config file

@@ -14,7 +14,7 @@ def main() -> None:
     # Imported here so each module registers its commands on `cli` exactly once.
     from shared.cli import setup  # noqa: F401
 
-    for optional in ("state", "serve"):
+    for optional in ("state", "maintenance", "serve"):
         try:
             __import__(f"shared.cli.{optional}")
         except ModuleNotFoundError as err:

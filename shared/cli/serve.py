@@ -63,6 +63,7 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
 @handled
 def serve_cmd(local: str, port: int | None, host: str) -> None:
     """Run Tabby behind the proxy on this machine (needs TABBY_BIN or `tabby` on PATH)."""
+    from shared import lease
     from shared.server import TabbyServer, setup_logging
     from shared.supervisor import find_tabby
 
@@ -79,6 +80,9 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
         tabby_bin=tabby,
         jwt_secret=local_jwt_secret(settings, dirs["root"]),
         setup_token=settings.setup_token.get_secret_value() if settings.setup_token else None,
+        # A `restore`/`reset --local DIR` holds its lease in DIR/locks: Tabby waits (503) until it ends.
+        maintenance_check=lambda: lease.reason(lease.DirDict(dirs["root"] / "locks")),
+        maintenance_recheck=1.0,  # a local file read: cheap enough to look every second
     )
     setup_logging()
     code = asyncio.run(_serve(server, host, settings.local_port if port is None else port))
@@ -119,7 +123,9 @@ async def _serve(server, host: str, port: int) -> int:
             elif server.state == "failed":
                 say(f"error: {server.reason}")
                 code = 1
-            else:  # maintenance (not checked locally) or stopping: wait for the signal
+            else:  # maintenance or stopping: wait for the signal (requests start Tabby once the lease goes)
+                if server.state == "maintenance":
+                    say(f"serve: {server.reason}: Tabby starts on the first request after it ends")
                 await stopped
         stopped.cancel()
     finally:

@@ -24,6 +24,7 @@ from shared.cli.common import (
     handled,
     json_option,
     local_option,
+    require_modal_credentials,
 )
 from shared.ops import open_ops
 
@@ -40,6 +41,9 @@ def _refusals() -> Iterator[None]:
 
 
 def _ops(local: str | None) -> Any:
+    """The local form on DIR/data and DIR/backups, or the deployed maintenance app (credentials checked first)."""
+    if local is None:
+        require_modal_credentials()
     with _refusals():
         return open_ops(get_settings(), local)
 
@@ -191,7 +195,7 @@ def restore_cmd(snapshot: str, yes: bool, force: bool, local: str | None, as_jso
     settings = get_settings()
     confirm_destructive(settings, f"restore {snapshot}", yes)
     ops = _ops(local)
-    result = _run(lambda: ops.restore(snapshot, force=force))
+    result = _run(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
         safety = f"; safety snapshot {r['safety_snapshot']}" if r.get("safety_snapshot") else ""
@@ -230,7 +234,7 @@ def prune_cmd(
     if not dry_run:
         confirm_destructive(settings, "prune", yes)
     ops = _ops(local)
-    result = _run(lambda: ops.prune(last, daily, weekly, dry_run))
+    result = _run(lambda: ops.prune(last, daily, weekly, dry_run, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
         verb = "would remove" if r["dry_run"] else "removed"
@@ -260,7 +264,7 @@ def reset_cmd(scope: str, yes: bool, force: bool, local: str | None, as_json: bo
     settings = get_settings()
     confirm_destructive(settings, f"reset --scope {scope}", yes)
     ops = _ops(local)
-    result = _run(lambda: ops.reset(scope, force=force))
+    result = _run(lambda: ops.reset(scope, force=force, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
         return (
@@ -301,6 +305,9 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
         snaps = r.get("snapshots")
         if snaps:
             lines.append(f"snapshots: {snaps['count']}, store {_mib(snaps['bytes'])}")
+        for key, held in (r.get("locks") or {}).items():
+            if held and held.get("live"):
+                lines.append(f"{key} lock: {held['describe']}")
         return "\n".join(lines)
 
     emit(result, as_json, human)

@@ -1,0 +1,79 @@
+"""Moving state in and out, and the leases: `export`, `import`, `unlock`.
+
+`export` writes a snapshot as a plain .tar.gz of a Tabby root (restorable with `tar -xzf FILE -C ~/.tabby`);
+`import` stores such a tarball, or one of a self-hosted `~/.tabby`, as a new snapshot ready to `restore`. Both work
+with `--local DIR` and against the deployed maintenance app, streaming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared.cli import cli
+from shared.cli.common import CommandError, emit, handled, json_option, local_option, say
+from shared.cli.state import _mib, _ops, _run
+
+
+@cli.command("export")
+@click.argument("snapshot")
+@click.option("--out", "out", required=True, metavar="FILE.tar.gz", help="Archive to write (must not exist).")
+@local_option
+@json_option
+@handled
+def export_cmd(snapshot: str, out: str, local: str | None, as_json: bool) -> None:
+    """Write SNAPSHOT (or `latest`) as a .tar.gz of a Tabby root: `tar -xzf FILE -C ~/.tabby` restores it."""
+    if not out.endswith((".tar.gz", ".tgz")):
+        raise CommandError(f"--out {out!r}: name the archive FILE.tar.gz")
+    ops = _ops(local)
+    result = _run(lambda: ops.export_archive(snapshot, Path(out)))
+
+    def human(r: dict[str, Any]) -> str:
+        return (
+            f"exported {r['snapshot']}: {r['files']} files, {_mib(r['bytes'])} -> {r['path']} "
+            f"({_mib(r['archive_bytes'])} compressed, sha256 {r['sha256'][:12]})"
+        )
+
+    emit(result, as_json, human)
+
+
+@cli.command("import")
+@click.argument("archive", metavar="FILE.tar.gz")
+@click.option("--label", default="import", show_default=True, help="Label carried in the snapshot id.")
+@local_option
+@json_option
+@handled
+def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> None:
+    """Store a .tar.gz of a Tabby root (an export, or a self-hosted ~/.tabby) as a new snapshot."""
+    ops = _ops(local)
+    result = _run(lambda: ops.import_archive(Path(archive), label))
+
+    def human(r: dict[str, Any]) -> str:
+        return (
+            f"imported {archive} as snapshot {r['id']}: {r['files']} files, {_mib(r['bytes'])}; "
+            f"restore it with `tabby-modal restore {r['id']}`"
+        )
+
+    emit(result, as_json, human)
+
+
+@cli.command("unlock")
+@click.option("--yes", is_flag=True, help="Also break a lease that has not expired (its run must be dead).")
+@local_option
+@json_option
+@handled
+def unlock_cmd(yes: bool, local: str | None, as_json: bool) -> None:
+    """Break the maintenance and store leases a crashed run left behind (expired ones go without --yes)."""
+    ops = _ops(local)
+    status = _run(ops.locks_status)
+    live = [f"{key}: {rec['describe']}" for key, rec in status.items() if rec and rec.get("live")]
+    if live and not yes:
+        raise CommandError(
+            f"lease still live ({'; '.join(live)}): if that run is dead, `tabby-modal unlock --yes`"
+        )
+    result = _run(ops.unlock)
+    for key, rec in result["broken"].items():
+        say(f"broke the {key} lease: {rec.get('op', '?')} by {rec.get('owner', '?')}")
+    emit(result, as_json, "no lease was held" if not result["broken"] else "unlocked")

@@ -1,0 +1,270 @@
+"""Leases in a modal.Dict: the maintenance lock the server checks at start, and the store lock across containers.
+
+A lease is one Dict entry `{op, owner, token, since, expires}` taken with `put(key, value, skip_if_exists=True)`,
+the Dict's atomic put-if-absent: of two runs asking at once exactly one gets it. A holder refreshes its entry while
+it works (a heartbeat), so a long restore keeps its lease; a crashed run's entry expires after `ttl` seconds and the
+next run takes it over; `tabby-modal unlock` breaks it explicitly.
+
+Any object with `get(key, default)`, `put(key, value, *, skip_if_exists)` and `pop(key, default)` works as the Dict:
+`modal.Dict` on Modal, `DirDict` (one JSON file per key) for `--local` runs and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from shared.atomic import StateError, fsync_dir, read_record, tmp_path
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+MAINTENANCE = "maintenance"  # held by restore and reset; the server does not start while it is held
+STORE = "store"  # held by every run that writes the backups store (snapshot, prune, import, restore, reset)
+
+_MISSING = object()
+
+
+class DictLike(Protocol):
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool: ...
+    def pop(self, key: str, default: Any = ...) -> Any: ...
+
+
+class LeaseHeld(StateError):
+    """Someone else holds the lease (one line: who, what, since when, until when)."""
+
+
+class DirDict:
+    """A Dict in a directory, one JSON file per key, with the same atomic put-if-absent as modal.Dict.
+
+    put-if-absent links a finished temp file to the key's name (link fails if the name exists); pop renames the
+    entry away first, so of two pops only one gets the value.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"bad key {key!r}")
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        record = read_record(self._path(key))
+        return default if record is None else record
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self._path(key)
+        tmp = tmp_path(final)
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(value, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if skip_if_exists:
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsync_dir(self.directory)
+        return True
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        final = self._path(key)
+        grabbed = tmp_path(final)
+        try:
+            os.rename(final, grabbed)
+        except FileNotFoundError:
+            if default is _MISSING:
+                raise KeyError(key) from None
+            return default
+        record = read_record(grabbed)
+        os.unlink(grabbed)
+        fsync_dir(self.directory)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()  # an empty Dict leaves no folder behind
+        return record
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def describe(record: dict[str, Any], now: float | None = None) -> str:
+    """`restore by modal-task-ab12 since 2026-11-23T10:00:00Z, expires in 3540s`."""
+    now = time.time() if now is None else now
+    left = float(record.get("expires", 0)) - now
+    until = f"expires in {left:.0f}s" if left > 0 else f"expired {-left:.0f}s ago"
+    return f"{record.get('op', '?')} by {record.get('owner', '?')} since {_iso(float(record.get('since', 0)))}, {until}"
+
+
+def is_live(record: Any, now: float | None = None) -> bool:
+    """A well-formed lease that has not expired. Malformed entries count as expired (they can be taken over)."""
+    if not isinstance(record, dict):
+        return False
+    try:
+        return float(record["expires"]) > (time.time() if now is None else now)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def default_owner() -> str:
+    """Who holds a lease: the Modal task id in a container, else host and pid."""
+    task = os.environ.get("MODAL_TASK_ID")
+    return task or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Lease:
+    """`with Lease(d, "maintenance", "restore", ttl=3600):` holds the entry for the block, refreshing it meanwhile.
+
+    `acquire` waits up to `wait` seconds for a live holder, takes over an expired one, and otherwise raises
+    LeaseHeld naming the holder. `release` removes the entry only if it is still ours.
+    """
+
+    def __init__(
+        self,
+        d: DictLike,
+        key: str,
+        op: str,
+        *,
+        ttl: float,
+        wait: float = 0.0,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+        poll: float = 0.5,
+    ) -> None:
+        self.d, self.key, self.op, self.ttl, self.wait = d, key, op, ttl, wait
+        self.owner = owner or default_owner()
+        self.token = secrets.token_hex(8)
+        self.clock = clock
+        self.poll = poll
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self.lost = False
+
+    def record(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "op": self.op,
+            "owner": self.owner,
+            "token": self.token,
+            "since": now,
+            "expires": now + self.ttl,
+        }
+
+    def acquire(self) -> Lease:
+        deadline = time.monotonic() + self.wait
+        while True:
+            mine = self.record()
+            if self.d.put(self.key, mine, skip_if_exists=True):
+                break
+            held = self.d.get(self.key)
+            if held is None:
+                continue  # released between our put and get
+            if not is_live(held, self.clock()):
+                self._take_over(held)
+                continue
+            if time.monotonic() >= deadline:
+                raise LeaseHeld(f"{self.key} lock held: {describe(held, self.clock())}")
+            self._stop.wait(self.poll)
+        self._start_heartbeat()
+        return self
+
+    def _take_over(self, expired: Any) -> None:
+        """Remove an expired entry; if a newer holder's entry was popped instead (a race), put it back."""
+        popped = self.d.pop(self.key, None)
+        if popped is not None and popped != expired:
+            self.d.put(self.key, popped, skip_if_exists=True)
+
+    def held(self) -> bool:
+        current = self.d.get(self.key)
+        return isinstance(current, dict) and current.get("token") == self.token
+
+    def _start_heartbeat(self) -> None:
+        interval = max(self.ttl / 3, 0.05)
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                if not self.held():
+                    self.lost = True  # broken by `unlock`: say so at release, keep working
+                    return
+                self.d.put(self.key, {**self.record(), "since": self._since})
+
+        self._since = self.clock()
+        self._beat = threading.Thread(target=beat, name=f"lease-{self.key}", daemon=True)
+        self._beat.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+        current = self.d.pop(self.key, None)
+        if isinstance(current, dict) and current.get("token") != self.token:
+            self.d.put(self.key, current, skip_if_exists=True)  # not ours (we were broken): put it back
+            self.lost = True
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def status(d: DictLike, now: float | None = None) -> dict[str, Any]:
+    """Both leases as `{key: {..., live, describe}}` (None when free), for `unlock` and `inspect`."""
+    out: dict[str, Any] = {}
+    for key in (MAINTENANCE, STORE):
+        record = d.get(key)
+        if isinstance(record, dict):
+            out[key] = {**record, "live": is_live(record, now), "describe": describe(record, now)}
+        else:
+            out[key] = None if record is None else {"malformed": repr(record)[:80], "live": False}
+    return out
+
+
+def break_all(d: DictLike) -> dict[str, Any]:
+    """Remove both leases, whoever holds them: {broken: {key: record}} (for `tabby-modal unlock`)."""
+    broken = {}
+    for key in (MAINTENANCE, STORE):
+        record = d.pop(key, None)
+        if record is not None:
+            broken[key] = record
+    return {"broken": broken}
+
+
+def reason(d: DictLike, now: float | None = None) -> str | None:
+    """Why the server must not start now (a live maintenance lease), or None."""
+    record = d.get(MAINTENANCE)
+    if is_live(record, now):
+        return describe(record, now)
+    return None
+
+
+def modal_dict(settings: Settings) -> Any:
+    """The named modal.Dict holding the leases (created if missing)."""
+    import modal
+
+    return modal.Dict.from_name(
+        settings.lock_dict, environment_name=settings.modal_environment, create_if_missing=True
+    )
+
+
+def maintenance_reason(settings: Settings) -> str | None:
+    """The server's start check on Modal: the live maintenance lease, described; None when free."""
+    return reason(modal_dict(settings))

@@ -1,0 +1,390 @@
+"""The maintenance role: state operations on the two Volumes, with the rules that keep them safe.
+
+`Maintenance` wraps `LocalOps` (the state engine on two directories) with what running on Modal adds:
+- **Volumes.** Each operation reloads the Volumes it reads first (a warm container would otherwise see an old
+  view, e.g. miss the server's last persist) and commits exactly the Volumes it wrote, backups before data (so a
+  safety snapshot is durable before the data it protects changes). Locally both are None: plain directories.
+- **Leases** (`shared.lease`, a modal.Dict): `restore` and `reset` hold the `maintenance` lease for their whole run,
+  which the server checks before it starts; every run that writes the backups store holds the `store` lease, so a
+  scheduled snapshot in one container and a prune in another never interleave.
+- **Never two writers of /data.** `restore` and `reset` refuse while the server app has running containers.
+- **Confirmation.** `restore`, `reset` and `prune` (not dry-run) need `confirm` equal to the data Volume's name:
+  `tabby-modal` passes it after its two-signal check; an ad hoc `modal run` must spell it out.
+
+Results are the same JSON-serialisable dicts as `LocalOps`. Refusals are StateError (one line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from shared import archive, lease
+from shared.atomic import StateError
+from shared.ops import LocalOps
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+log = logging.getLogger("tabby_modal.maintenance")
+
+STORE_WAIT = 600.0  # seconds a run waits for another container's store work before it gives up
+TRANSFER_DIR = "transfer"  # in the backups Volume: archives on their way in or out
+
+
+class VolumeLike(Protocol):
+    def commit(self) -> None: ...
+    def reload(self) -> None: ...
+
+
+class Maintenance:
+    """State operations with reload/commit discipline, leases and the server check (see the module docstring)."""
+
+    def __init__(
+        self,
+        ops: LocalOps,
+        *,
+        locks: lease.DictLike,
+        data_volume_name: str,
+        lock_ttl: float,
+        data: VolumeLike | None = None,
+        backups: VolumeLike | None = None,
+        server_containers: Callable[[], int] | None = None,
+        store_wait: float | None = None,
+    ) -> None:
+        self.ops = ops
+        self.locks = locks
+        self.data_volume_name = data_volume_name
+        self.lock_ttl = lock_ttl
+        self.data = data
+        self.backups = backups
+        self.server_containers = server_containers
+        self.store_wait = STORE_WAIT if store_wait is None else store_wait
+
+    # --- plumbing ---------------------------------------------------------------------------------------------
+
+    def _reload(self, *volumes: VolumeLike | None) -> None:
+        for v in volumes:
+            if v is not None:
+                v.reload()
+
+    def _commit(self, *volumes: VolumeLike | None) -> None:
+        for v in volumes:
+            if v is not None:
+                v.commit()
+
+    @contextlib.contextmanager
+    def _lease(self, key: str, op: str, wait: float = 0.0) -> Iterator[lease.Lease]:
+        held = lease.Lease(self.locks, key, op, ttl=self.lock_ttl, wait=wait)
+        with held:
+            yield held
+        if held.lost:
+            log.warning("the %s lease of this %s was broken while it ran", key, op)
+
+    @contextlib.contextmanager
+    def _writing_store(self, op: str) -> Iterator[None]:
+        """Hold the store lease, reload the backups Volume, and commit it at the end (also after a failure: what a
+        failed run wrote is either complete or ignored by readers, and a safety snapshot must not be lost)."""
+        with self._lease(lease.STORE, op, wait=self.store_wait):
+            self._reload(self.backups)
+            try:
+                yield
+            finally:
+                self._commit(self.backups)
+
+    def _confirm(self, action: str, confirm: str) -> None:
+        if confirm != self.data_volume_name:
+            raise StateError(
+                f"refused: {action} is destructive; confirm with the data volume's name "
+                f"(confirm={self.data_volume_name!r}, `--confirm {self.data_volume_name}` with modal run)"
+            )
+
+    def _server_stopped(self, action: str, force: bool) -> None:
+        if self.server_containers is None:
+            return
+        try:
+            running = self.server_containers()
+        except Exception as err:  # Modal unreachable or an unexpected answer: do not guess
+            if force:
+                log.warning("could not ask whether the server runs (%s); going on: --force", err)
+                return
+            raise StateError(
+                f"refused: {action}: could not check whether the server runs ({err}); "
+                "stop it with `make stop-server`, or pass --force if you are sure"
+            ) from None
+        if running and not force:
+            raise StateError(
+                f"refused: {action} while the server app has {running} running container(s): stop it first "
+                "with `make stop-server` (--force skips this check and is dangerous: the server would persist "
+                "its old state over yours)"
+            )
+        if running:
+            log.warning("%s with %d server container(s) running: --force", action, running)
+
+    # --- reads ------------------------------------------------------------------------------------------------
+
+    def snapshots(self) -> dict[str, Any]:
+        self._reload(self.backups)
+        return self.ops.snapshots()
+
+    def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
+        self._reload(self.data, self.backups)
+        return {**self.ops.inspect(snapshot_id), "locks": lease.status(self.locks)}
+
+    def verify(self, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
+        # Holds the store lease: a prune in another container must not delete blobs under a verify.
+        with self._lease(lease.STORE, "verify", wait=self.store_wait):
+            self._reload(self.backups)
+            return self.ops.verify(snapshot_id, sample)
+
+    # --- writes to the backups store --------------------------------------------------------------------------
+
+    def snapshot(self, label: str = "manual") -> dict[str, Any]:
+        """Allowed while the server runs: it takes the last complete persist (manifest-consistent)."""
+        with self._writing_store("snapshot"):
+            self._reload(self.data)
+            return self.ops.snapshot(label)
+
+    def prune(
+        self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False, confirm: str = ""
+    ) -> dict[str, Any]:
+        if dry_run:
+            self._reload(self.backups)
+            return self.ops.prune(keep_last, keep_daily, keep_weekly, dry_run=True)
+        self._confirm("prune", confirm)
+        with self._writing_store("prune"):
+            return self.ops.prune(keep_last, keep_daily, keep_weekly)
+
+    def scheduled(self, keep_last: int, keep_daily: int, keep_weekly: int) -> dict[str, Any]:
+        """The daily job: a snapshot labelled `scheduled`, then retention."""
+        snap = self.snapshot("scheduled")
+        pruned = self.prune(keep_last, keep_daily, keep_weekly, confirm=self.data_volume_name)
+        return {"snapshot": snap, "prune": pruned}
+
+    def export_archive(self, snapshot_id: str, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+        """Write a snapshot as a .tar.gz at `out` (see shared.archive)."""
+        with self._lease(lease.STORE, "export", wait=self.store_wait):
+            self._reload(self.backups)
+            return self._export(snapshot_id, Path(out), overwrite)
+
+    def _export(self, snapshot_id: str, out: Path, overwrite: bool) -> dict[str, Any]:
+        progress = self.ops.progress("export")
+        return archive.export_snapshot(
+            self.ops.store, snapshot_id, out, progress=progress, overwrite=overwrite
+        )
+
+    def import_archive(
+        self, path: Path, label: str = "import", *, remove_after: bool = False
+    ) -> dict[str, Any]:
+        """Store a .tar(.gz) of a Tabby root as a new snapshot; `remove_after` deletes the archive either way."""
+        with self._writing_store("import"):
+            try:
+                return archive.import_archive(
+                    self.ops.store, Path(path), label=label, progress=self.ops.progress("import")
+                )
+            finally:
+                if remove_after:
+                    Path(path).unlink(missing_ok=True)
+
+    def export_transfer(self, snapshot_id: str, name: str) -> dict[str, Any]:
+        """Export into the backups Volume's transfer folder, committed, for the client to download."""
+        rel, path = self._transfer(name)
+        with self._lease(lease.STORE, "export", wait=self.store_wait):
+            self._reload(self.backups)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                result = self._export(snapshot_id, path, overwrite=False)
+            finally:
+                self._commit(self.backups)
+        return {**result, "transfer": rel}
+
+    def import_transfer(self, name: str, label: str = "import") -> dict[str, Any]:
+        """Import an archive the client uploaded to the transfer folder, then delete it."""
+        _, path = self._transfer(name)
+        self._reload(self.backups)
+        if not path.is_file():
+            raise StateError(f"no uploaded archive {name!r} in the backups volume")
+        return self.import_archive(path, label, remove_after=True)
+
+    def _transfer(self, name: str) -> tuple[str, Path]:
+        if not name or "/" in name or name.startswith(".") or not name.endswith(".tar.gz"):
+            raise StateError(f"bad transfer name {name!r}")
+        rel = f"{TRANSFER_DIR}/{name}"
+        return rel, self.ops.backups_dir / rel
+
+    # --- writes to /data --------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing_data(self, action: str, force: bool) -> Iterator[None]:
+        """The maintenance lease (the server will not start), no server running, then the store lease."""
+        with self._lease(lease.MAINTENANCE, action):
+            self._server_stopped(action, force)
+            with self._writing_store(action):
+                self._reload(self.data)
+                try:
+                    yield
+                finally:
+                    self._commit(self.data)
+
+    def restore(self, snapshot_id: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
+        self._confirm(f"restore {snapshot_id}", confirm)
+        self._reload(self.backups)
+        self.ops.store.resolve(snapshot_id)  # an unknown id is refused before any lease is taken
+        with self._writing_data("restore", force):
+            return self.ops.restore(snapshot_id, force=force, guard=self.server_containers is None)
+
+    def reset(self, scope: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
+        self._confirm(f"reset --scope {scope}", confirm)
+        with self._writing_data(f"reset {scope}", force):
+            return self.ops.reset(scope, force=force, guard=self.server_containers is None)
+
+    # --- leases -----------------------------------------------------------------------------------------------
+
+    def locks_status(self) -> dict[str, Any]:
+        return lease.status(self.locks)
+
+    def unlock(self) -> dict[str, Any]:
+        """Break both leases (a crashed run's, or one you know is dead): {broken: {key: record}}."""
+        return lease.break_all(self.locks)
+
+    # --- local only -------------------------------------------------------------------------------------------
+
+    def persist(self, root: Path, **kwargs: Any) -> dict[str, Any]:
+        return self.ops.persist(root, **kwargs)
+
+    def hydrate(self, root: Path) -> dict[str, Any]:
+        return self.ops.hydrate(root)
+
+
+def for_local(settings: Settings, local: str | Path | None) -> Maintenance:
+    """The `--local DIR` form: DIR/data, DIR/backups, leases in DIR/locks, no Volumes, no server check."""
+    dirs = settings.local_dirs(local)
+    return Maintenance(
+        LocalOps(dirs["data"], dirs["backups"], lock_ttl=settings.lock_ttl),
+        locks=lease.DirDict(dirs["root"] / "locks"),
+        data_volume_name=settings.data_volume,
+        lock_ttl=settings.lock_ttl,
+    )
+
+
+def server_containers(settings: Settings) -> Callable[[], int]:
+    """How many containers the server app runs now (0 if it is not deployed), asked of Modal."""
+
+    def count() -> int:
+        import modal
+        from modal.exception import NotFoundError
+
+        # `Tabby.*` is the service function behind every method of the server's class.
+        fn = modal.Function.from_name(
+            settings.server_app, "Tabby.*", environment_name=settings.modal_environment
+        )
+        try:
+            return int(fn.get_current_stats().num_total_runners)
+        except NotFoundError:
+            return 0
+
+    return count
+
+
+def for_modal(settings: Settings, *, data: VolumeLike, backups: VolumeLike) -> Maintenance:
+    """What the maintenance app's functions run: the mounted Volumes, the leases Dict, the server check."""
+    return Maintenance(
+        LocalOps(
+            Path(settings.data_mount),
+            Path(settings.backups_mount),
+            lock_ttl=settings.lock_ttl,
+            lock_wait=60.0,
+        ),
+        locks=lease.modal_dict(settings),
+        data_volume_name=settings.data_volume,
+        lock_ttl=settings.lock_ttl,
+        data=data,
+        backups=backups,
+        server_containers=server_containers(settings),
+    )
+
+
+def summary(op: str, result: dict[str, Any]) -> str:
+    """One readable log line for Modal's log view: the op and the result's plain top-level figures."""
+    plain = {k: v for k, v in result.items() if isinstance(v, str | int | float | bool) or v is None}
+    return f"{op}: " + ", ".join(f"{k}={v}" for k, v in sorted(plain.items()))
+
+
+# --- what each function of the maintenance app runs -----------------------------------------------------------
+
+
+def _verify(m: Maintenance, s: Settings, snapshot: str = "", sample: float = 1.0) -> dict[str, Any]:
+    return m.verify(snapshot or None, None if sample >= 1.0 else sample)
+
+
+def _prune(
+    m: Maintenance,
+    s: Settings,
+    keep_last: int = -1,
+    keep_daily: int = -1,
+    keep_weekly: int = -1,
+    dry_run: bool = False,
+    confirm: str = "",
+) -> dict[str, Any]:
+    # A negative count means "from the settings" (what `modal run ... ::prune` without flags gets).
+    last = s.keep_last if keep_last < 0 else keep_last
+    daily = s.keep_daily if keep_daily < 0 else keep_daily
+    weekly = s.keep_weekly if keep_weekly < 0 else keep_weekly
+    return m.prune(last, daily, weekly, dry_run=dry_run, confirm=confirm)
+
+
+OPERATIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "snapshot": lambda m, s, label="manual": m.snapshot(label),
+    "snapshots": lambda m, s: m.snapshots(),
+    "verify": _verify,
+    "inspect": lambda m, s, snapshot="": m.inspect(snapshot or None),
+    "restore": lambda m, s, snapshot, force=False, confirm="": m.restore(snapshot, force, confirm),
+    "reset": lambda m, s, scope, force=False, confirm="": m.reset(scope, force, confirm),
+    "prune": _prune,
+    "export_archive": lambda m, s, snapshot, name: m.export_transfer(snapshot, name),
+    "import_archive": lambda m, s, name, label="import": m.import_transfer(name, label),
+    "scheduled_backup": lambda m, s: m.scheduled(s.keep_last, s.keep_daily, s.keep_weekly),
+}
+
+
+def run(op: str, *, data: VolumeLike, backups: VolumeLike, **kwargs: Any) -> dict[str, Any]:
+    """The body of maintenance function `op` in its container: settings from the container's env, the Volumes
+    mounted by the app, a short log line with the outcome. Refusals raise StateError (Modal re-raises it in the
+    caller, and `modal run` exits non-zero)."""
+    from shared.server import setup_logging
+    from shared.settings import load_settings
+
+    setup_logging()
+    settings = load_settings()
+    log.info("%s: starting", op)
+    try:
+        result = OPERATIONS[op](for_modal(settings, data=data, backups=backups), settings, **kwargs)
+    except StateError as err:
+        log.error("%s refused: %s", op, err)
+        raise
+    log.info(summary(op, result))
+    for p in result.get("problems") or []:
+        log.warning("problem: %s %s: %s", p.get("snapshot"), p.get("path"), p.get("problem"))
+    return result
+
+
+def function_options(settings: Settings, *, data: Any, backups: Any) -> dict[str, Any]:
+    """Keyword arguments shared by every maintenance function (the image is the caller's). CPU only."""
+    return {
+        "cpu": 2.0,  # hashing and gzip: two cores keep a snapshot I/O-bound
+        "memory": 2048,
+        "timeout": settings.maintenance_timeout,
+        "volumes": {settings.data_mount: data, settings.backups_mount: backups},
+        "max_containers": 1,  # runs of one operation queue up instead of racing (leases order the rest)
+        "env": settings.container_env(),
+    }
+
+
+def schedule(settings: Settings) -> Any:
+    """The scheduled backup's `modal.Cron` (UTC), or None when `backup_schedule` is empty (switched off)."""
+    import modal
+
+    return modal.Cron(settings.backup_schedule, timezone="UTC") if settings.backup_schedule else None
