@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.store import Store, blob_name
+from shared.store import Store
 from tests.conftest import run_cli
 from tests.tabby_root import counter_values, leave_wal, make_root, tree_state
 
@@ -165,9 +165,10 @@ def test_a_corrupt_blob_stops_the_export_and_leaves_no_file(tmp_path, box):
     store = Store.open(box / "backups")
     snap = store.load("latest")
     entry = max((e for e in snap.files.values() if e.link is None), key=lambda e: e.size)
-    blob = box / "backups" / blob_name(entry.sha256)
+    name, offset, length = store.locate(entry.sha256)  # a loose blob or a slice of a pack
+    blob = box / "backups" / name
     data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[offset + length // 2] ^= 0xFF
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
     out = tmp_path / "bad.tar.gz"

@@ -1,6 +1,7 @@
 """Stress on real processes: a busy writer under repeated persist + snapshot, and SIGKILL at random points.
 
-Both run in CI (fixed seeds, well under a minute each on two cores). Synchronisation is by pipes and polling with a
+Both run in CI (fixed seeds, well under a minute each on two cores); `make stress` runs longer versions (1,000
+cycles, 300 kills). Synchronisation is by pipes and polling with a
 deadline; the only sleeps are the random delays that choose where a kill lands.
 """
 
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from shared import database, mirror
 from shared.atomic import write_stream
@@ -62,6 +65,15 @@ def _index_sound(files: dict[str, mirror.Entry], read) -> None:
 
 
 def test_busy_writer_every_snapshot_holds_a_prefix_of_the_counter(tmp_path):
+    busy_writer(tmp_path, CYCLES)
+
+
+@pytest.mark.stress
+def test_busy_writer_long(tmp_path):
+    busy_writer(tmp_path, 1000)
+
+
+def busy_writer(tmp_path: Path, cycles: int) -> None:
     live = tmp_path / "root/live"
     make_root(live, size_mb=0.5, seed=SEED)
     mark = live.parent / "writer.committed"
@@ -80,7 +92,7 @@ def test_busy_writer_every_snapshot_holds_a_prefix_of_the_counter(tmp_path):
     seen_max = 0
     try:
         _wait_for(lambda: _committed(mark) > 0, what="the writer's first commit")
-        for cycle in range(CYCLES):
+        for cycle in range(cycles):
             low = _committed(mark)
             mirror.persist(live, data, commit=commit)
             high = _committed(mark)
@@ -113,7 +125,7 @@ def test_busy_writer_every_snapshot_holds_a_prefix_of_the_counter(tmp_path):
     finally:
         writer.send_signal(signal.SIGTERM)
         writer.wait(timeout=30)
-    assert commits == CYCLES
+    assert commits == cycles
     assert seen_max > 200, "the writer hardly wrote: the test proved little"
     assert store.verify()["ok"]
 
@@ -158,6 +170,15 @@ def _mutate(live: Path, rng: random.Random, round_no: int) -> None:
 
 
 def test_sigkill_at_random_points_never_breaks_data_or_store(tmp_path):
+    sigkills(tmp_path, total=60, each=6, budget=120)
+
+
+@pytest.mark.stress
+def test_sigkill_long(tmp_path):
+    sigkills(tmp_path, total=300, each=40, budget=1200)
+
+
+def sigkills(tmp_path: Path, total: int, each: int, budget: float) -> None:
     rng = random.Random(SEED)
     live, data, backups = tmp_path / "live", tmp_path / "data", tmp_path / "backups"
     make_root(live, size_mb=4, seed=SEED)
@@ -167,17 +188,17 @@ def test_sigkill_at_random_points_never_breaks_data_or_store(tmp_path):
     estimate = {"persist": 0.08, "snapshot": 0.08, "restore": 0.15, "prune": 0.03}
     kills = dict.fromkeys(estimate, 0)
     mid_way = {"data dir pending": 0, "store lock left": 0}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + budget
     round_no = 0
     scratch = Path(tempfile.mkdtemp(dir=tmp_path))
     # A killed child cannot remove its private temp dirs: keep them inside tmp_path.
     child_env = {**os.environ, "TMPDIR": str(tmp_path / "child-tmp")}
     (tmp_path / "child-tmp").mkdir()
-    while (sum(kills.values()) < 60 or min(kills.values()) < 6) and time.monotonic() < deadline:
+    while (sum(kills.values()) < total or min(kills.values()) < each) and time.monotonic() < deadline:
         round_no += 1
         _mutate(live, rng, round_no)
         op = rng.choice(["persist", "persist", "snapshot", "snapshot", "restore", "prune"])
-        if min(kills.values()) < 6:
+        if min(kills.values()) < each:
             op = min(kills, key=kills.get) if rng.random() < 0.5 else op
         snaps = store.snapshots()
         arg = rng.choice(snaps).id if snaps else "latest"
@@ -219,7 +240,7 @@ def test_sigkill_at_random_points_never_breaks_data_or_store(tmp_path):
         store.restore(newest.id, target)
         assert database.check_file(target / "ee/db.sqlite") == "ok"
         shutil.rmtree(target)
-    assert sum(kills.values()) >= 50 and min(kills.values()) >= 5, kills
+    assert sum(kills.values()) >= total - 10 and min(kills.values()) >= each - 1, kills
     # Proof that kills landed inside the operations, not only before or after them.
     assert min(mid_way.values()) >= 3, mid_way
     print(f"kills {kills}, interrupted states {mid_way}, rounds {round_no}")
