@@ -54,6 +54,31 @@ class HashingWriter:
         self.raw.flush()
 
 
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an archive path that exists (unless `overwrite`) or whose folder does not."""
+    if out.exists() and not overwrite:
+        raise StateError(f"{out} exists: choose another --out or remove it first")
+    if not out.parent.is_dir():
+        raise StateError(f"{out.parent} is not a directory")
+
+
+@contextlib.contextmanager
+def written_whole(out: Path) -> Iterator[HashingWriter]:
+    """A hashing writer over a temp file beside `out`, published (fsync, rename) when the block ends; if the block
+    raises, the temp file is removed and `out` is untouched."""
+    tmp = tmp_path(out)
+    try:
+        with open(tmp, "wb") as raw:
+            sink = HashingWriter(raw)
+            yield sink
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _tarinfo(entry: Entry) -> tarfile.TarInfo:
     info = tarfile.TarInfo(entry.path)
     info.mode = entry.mode & 0o7777
@@ -77,31 +102,20 @@ def export_snapshot(
     """
     started = time.monotonic()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise StateError(f"{out} exists: choose another --out or remove it first")
-    if not out.parent.is_dir():
-        raise StateError(f"{out.parent} is not a directory")
+    check_out(out, overwrite)
     snap = store.load(snapshot_id)
     prog = progress or silent()
     prog.set_totals(len(snap.files), snap.bytes)
-    tmp = tmp_path(out)
     files = nbytes = 0
-    try:
-        with open(tmp, "wb") as raw:
-            sink = HashingWriter(raw)
-            with tarfile.open(fileobj=sink, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                for entry, reader in store.iter_files(snap.id):
-                    tar.addfile(_tarinfo(entry), reader)
-                    files += 1
-                    nbytes += entry.size
-                    prog.add(1, entry.size)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        written_whole(out) as sink,
+        tarfile.open(fileobj=sink, mode="w|gz", format=tarfile.PAX_FORMAT) as tar,  # type: ignore[call-overload]
+    ):
+        for entry, reader in store.iter_files(snap.id):
+            tar.addfile(_tarinfo(entry), reader)
+            files += 1
+            nbytes += entry.size
+            prog.add(1, entry.size)
     prog.finish()
     return {
         "snapshot": snap.id,

@@ -205,24 +205,24 @@ def sha256_file(path: Path) -> str:
     return hash_file(path)[1]
 
 
+def read_upto(reader: BinaryIO, n: int) -> bytes:
+    """Up to `n` bytes of a stream (fewer only at its end)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def read_small(path: Path, limit: int) -> bytes | None:
     """The whole content of the regular file `path` in one buffer, or None when it holds more than `limit` bytes
     (the caller streams it instead). FileNotFoundError when it is gone."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        parts = []
-        total = 0
-        while True:
-            chunk = os.read(fd, limit + 1 - total)
-            if not chunk:
-                break
-            parts.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                return None
-    finally:
-        os.close(fd)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    with open(path, "rb", buffering=0) as f:
+        data = read_upto(f, limit + 1)
+    return None if len(data) > limit else data
 
 
 def current_umask() -> int | None:

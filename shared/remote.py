@@ -11,15 +11,13 @@ Three Modal objects make the seam (`lookup`, `backups`, `locks`): tests hand in 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared import lease
-from shared.archive import HashingWriter
-from shared.atomic import StateError, fsync_dir, tmp_path
+from shared import archive, lease
+from shared.atomic import StateError
 from shared.maintenance import TRANSFER_DIR
 
 if TYPE_CHECKING:
@@ -128,27 +126,17 @@ class RemoteOps:
     def export_archive(self, snapshot_id: str, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
         """The app writes the archive into transfer/; we stream it down, check its sha256, then delete it there."""
         out = Path(out)
-        if out.exists() and not overwrite:
-            raise StateError(f"{out} exists: choose another --out or remove it first")
-        if not out.parent.is_dir():
-            raise StateError(f"{out.parent} is not a directory")
+        archive.check_out(out, overwrite)
         name = f"export-{secrets.token_hex(6)}.tar.gz"
         result = self._call("export_archive", snapshot=snapshot_id, name=name)
-        tmp = tmp_path(out)
         try:
-            with open(tmp, "wb") as raw:
-                sink = HashingWriter(raw)
+            with archive.written_whole(out) as sink:
                 self.backups.read_file_into_fileobj(result["transfer"], sink)
-                raw.flush()
-                os.fsync(raw.fileno())
-            if sink.bytes != result["archive_bytes"] or sink.sha.hexdigest() != result["sha256"]:
-                raise StateError(
-                    f"download of {result['transfer']} does not match its sha256: nothing written"
-                )
-            os.replace(tmp, out)
-            fsync_dir(out.parent)
+                if sink.bytes != result["archive_bytes"] or sink.sha.hexdigest() != result["sha256"]:
+                    raise StateError(
+                        f"download of {result['transfer']} does not match its sha256: nothing written"
+                    )
         finally:
-            tmp.unlink(missing_ok=True)
             with contextlib.suppress(Exception):
                 self.backups.remove_file(result["transfer"])
         return {**result, "path": str(out)}

@@ -68,6 +68,7 @@ from shared.atomic import (
     is_tmp,
     make_link,
     read_small,
+    read_upto,
     start_writeback,
     sync_fs,
     tmp_path,
@@ -476,18 +477,6 @@ def _loose(path: str, size: int) -> bool:
     return size >= PACK_BLOB_MAX or path in database.DB_PATHS
 
 
-def _read_upto(reader: IO[bytes], n: int) -> bytes:
-    """Up to `n` bytes of a stream (fewer only at its end)."""
-    parts, got = [], 0
-    while got < n:
-        chunk = reader.read(n - got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 class _Verifying:
     """A read-only stream over a blob that raises HashMismatch at its end if the bytes are not what was promised."""
 
@@ -784,7 +773,7 @@ class Store:
                         if _loose(path, entry.size):
                             sha, size, new = self.backend.write_content(reader, blob_name)
                         else:
-                            data = _read_upto(reader, entry.size + 1)
+                            data = read_upto(reader, entry.size + 1)
                             sha, size = hashlib.sha256(data).hexdigest(), len(data)
                             new = (
                                 size == entry.size
@@ -988,12 +977,13 @@ class Store:
 
     # --- Verify -------------------------------------------------------------------------------------------
 
-    def _drill(self, entry: Entry) -> str:
-        """Restore-drill a database blob into a temp dir and run integrity_check there."""
+    def _drill(self, entry: Entry, cat: Catalog | None = None) -> str:
+        """Restore-drill a database blob into a temp dir and run integrity_check there (`cat`: a current
+        catalog, to spare a listing of the store)."""
         with tempfile.TemporaryDirectory(prefix="tabby-modal-drill-") as work:
             dst = Path(work) / "db.sqlite"
             try:
-                with self.open_blob(entry.sha256 or "") as f:
+                with self._open(cat or self.catalog(), entry.sha256) as f:
                     write_stream(dst, f, expect_sha256=entry.sha256, durable=False)
             except HashMismatch:
                 return "blob content does not match its sha256"
@@ -1074,7 +1064,7 @@ class Store:
                 if sha not in refs or sha in bad:
                     continue
                 if sha not in drilled:
-                    drilled[sha] = self._drill(e)
+                    drilled[sha] = self._drill(e, cat)
                 if drilled[sha] != "ok":
                     problem(snap.id, p, f"restore drill: {drilled[sha]}")
             present = frozenset(snap.files)
