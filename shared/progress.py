@@ -13,7 +13,7 @@ from typing import TextIO
 DEFAULT_INTERVAL = 5.0
 
 
-def _mib(n: float) -> str:
+def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
@@ -78,9 +78,9 @@ class Progress:
         rate = self.bytes / elapsed
         files = f"{self.files}/{self.total_files}" if self.total_files is not None else str(self.files)
         size = (
-            f"{self.bytes / (1 << 20):.1f}/{_mib(self.total_bytes)}" if self.total_bytes else _mib(self.bytes)
+            f"{self.bytes / (1 << 20):.1f}/{mib(self.total_bytes)}" if self.total_bytes else mib(self.bytes)
         )
-        text = f"{self.label}: {files} files, {size}, {_mib(rate)}/s"
+        text = f"{self.label}: {files} files, {size}, {mib(rate)}/s"
         if self.total_bytes and rate > 0 and self.bytes < self.total_bytes:
             text += f", ETA {_duration((self.total_bytes - self.bytes) / rate)}"
         return text

@@ -14,7 +14,8 @@ import click
 
 from shared.cli import cli
 from shared.cli.common import CommandError, emit, handled, json_option, local_option, say
-from shared.cli.state import _mib, _ops, _run
+from shared.cli.state import ops_for, run_op
+from shared.progress import mib
 
 
 @cli.command("export")
@@ -27,13 +28,13 @@ def export_cmd(snapshot: str, out: str, local: str | None, as_json: bool) -> Non
     """Write SNAPSHOT (or `latest`) as a .tar.gz of a Tabby root: `tar -xzf FILE -C ~/.tabby` restores it."""
     if not out.endswith((".tar.gz", ".tgz")):
         raise CommandError(f"--out {out!r}: name the archive FILE.tar.gz")
-    ops = _ops(local)
-    result = _run(lambda: ops.export_archive(snapshot, Path(out)))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.export_archive(snapshot, Path(out)))
 
     def human(r: dict[str, Any]) -> str:
         return (
-            f"exported {r['snapshot']}: {r['files']} files, {_mib(r['bytes'])} -> {r['path']} "
-            f"({_mib(r['archive_bytes'])} compressed, sha256 {r['sha256'][:12]})"
+            f"exported {r['snapshot']}: {r['files']} files, {mib(r['bytes'])} -> {r['path']} "
+            f"({mib(r['archive_bytes'])} compressed, sha256 {r['sha256'][:12]})"
         )
 
     emit(result, as_json, human)
@@ -47,12 +48,12 @@ def export_cmd(snapshot: str, out: str, local: str | None, as_json: bool) -> Non
 @handled
 def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> None:
     """Store a .tar.gz of a Tabby root (an export, or a self-hosted ~/.tabby) as a new snapshot."""
-    ops = _ops(local)
-    result = _run(lambda: ops.import_archive(Path(archive), label))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.import_archive(Path(archive), label))
 
     def human(r: dict[str, Any]) -> str:
         return (
-            f"imported {archive} as snapshot {r['id']}: {r['files']} files, {_mib(r['bytes'])}; "
+            f"imported {archive} as snapshot {r['id']}: {r['files']} files, {mib(r['bytes'])}; "
             f"restore it with `tabby-modal restore {r['id']}`"
         )
 
@@ -66,14 +67,14 @@ def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> No
 @handled
 def unlock_cmd(yes: bool, local: str | None, as_json: bool) -> None:
     """Break the maintenance and store leases a crashed run left behind (expired ones go without --yes)."""
-    ops = _ops(local)
-    status = _run(ops.locks_status)
+    ops = ops_for(local)
+    status = run_op(ops.locks_status)
     live = [f"{key}: {rec['describe']}" for key, rec in status.items() if rec and rec.get("live")]
     if live and not yes:
         raise CommandError(
             f"lease still live ({'; '.join(live)}): if that run is dead, `tabby-modal unlock --yes`"
         )
-    result = _run(ops.unlock)
+    result = run_op(ops.unlock)
     for key, rec in result["broken"].items():
         say(f"broke the {key} lease: {rec.get('op', '?')} by {rec.get('owner', '?')}")
     emit(result, as_json, "no lease was held" if not result["broken"] else "unlocked")

@@ -27,6 +27,7 @@ from shared.cli.common import (
     require_modal_credentials,
 )
 from shared.ops import open_ops
+from shared.progress import mib
 
 
 @contextlib.contextmanager
@@ -40,7 +41,7 @@ def _refusals() -> Iterator[None]:
         raise CommandError(f"{err.strerror or err}: {err.filename}" if err.filename else str(err)) from None
 
 
-def _ops(local: str | None) -> Any:
+def ops_for(local: str | None) -> Any:
     """The local form on DIR/data and DIR/backups, or the deployed maintenance app (credentials checked first)."""
     if local is None:
         require_modal_credentials()
@@ -48,13 +49,10 @@ def _ops(local: str | None) -> Any:
         return open_ops(get_settings(), local)
 
 
-def _run(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def run_op(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run an operation; its refusals become the one-line error and exit 2."""
     with _refusals():
         return fn()
-
-
-def _mib(n: int | float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _require_local(local: str | None, command: str) -> None:
@@ -75,16 +73,16 @@ def _require_local(local: str | None, command: str) -> None:
 def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
     """Mirror a live TABBY_ROOT into DIR/data: DB through SQLite's backup API, changed files only, manifest last."""
     _require_local(local, "persist")
-    ops = _ops(local)
-    result = _run(lambda: ops.persist(Path(root)))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.persist(Path(root)))
 
     def human(r: dict[str, Any]) -> str:
         what = (
-            f"{r['changed']} changed ({_mib(r['copied_bytes'])}), {r['deleted']} deleted"
+            f"{r['changed']} changed ({mib(r['copied_bytes'])}), {r['deleted']} deleted"
             if r["wrote_manifest"]
             else "nothing changed"
         )
-        return f"persisted: {what}; {r['files']} files, {_mib(r['bytes'])} ({r['seconds']:.3f}s)"
+        return f"persisted: {what}; {r['files']} files, {mib(r['bytes'])} ({r['seconds']:.3f}s)"
 
     emit(result, as_json, human)
 
@@ -97,13 +95,13 @@ def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
 def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
     """Lay DIR/data's last persisted state down at LIVE_ROOT, checked against its manifest first."""
     _require_local(local, "hydrate")
-    ops = _ops(local)
-    result = _run(lambda: ops.hydrate(Path(root)))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.hydrate(Path(root)))
 
     def human(r: dict[str, Any]) -> str:
         if r["fresh"]:
             return f"hydrated: empty data dir, {root} starts as a fresh instance"
-        return f"hydrated: {r['files']} files, {_mib(r['bytes'])} into {root} ({r['seconds']:.2f}s)"
+        return f"hydrated: {r['files']} files, {mib(r['bytes'])} into {root} ({r['seconds']:.2f}s)"
 
     emit(result, as_json, human)
 
@@ -118,13 +116,13 @@ def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
 @handled
 def snapshot_cmd(label: str, local: str | None, as_json: bool) -> None:
     """Take a snapshot of the data dir into the backups store (deduplicated; unchanged files cost nothing)."""
-    ops = _ops(local)
-    result = _run(lambda: ops.snapshot(label))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.snapshot(label))
 
     def human(r: dict[str, Any]) -> str:
         return (
-            f"snapshot {r['id']}: {r['files']} files, {_mib(r['bytes'])}; "
-            f"new: {r['new_blobs']} blobs, {_mib(r['new_bytes'])} ({r['consistency']}, {r['seconds']:.2f}s)"
+            f"snapshot {r['id']}: {r['files']} files, {mib(r['bytes'])}; "
+            f"new: {r['new_blobs']} blobs, {mib(r['new_bytes'])} ({r['consistency']}, {r['seconds']:.2f}s)"
         )
 
     emit(result, as_json, human)
@@ -136,8 +134,8 @@ def snapshot_cmd(label: str, local: str | None, as_json: bool) -> None:
 @handled
 def snapshots_cmd(local: str | None, as_json: bool) -> None:
     """List snapshots, oldest first, and the store's size."""
-    ops = _ops(local)
-    result = _run(ops.snapshots)
+    ops = ops_for(local)
+    result = run_op(ops.snapshots)
 
     def human(r: dict[str, Any]) -> str:
         lines = []
@@ -146,9 +144,9 @@ def snapshots_cmd(local: str | None, as_json: bool) -> None:
                 lines.append(f"{s['id']}  UNREADABLE: {s['problem']}")
             else:
                 lines.append(
-                    f"{s['id']:<48} {s['time']}  {s['files']:>7} files  {_mib(s['bytes']):>12}  {s['consistency']}"
+                    f"{s['id']:<48} {s['time']}  {s['files']:>7} files  {mib(s['bytes']):>12}  {s['consistency']}"
                 )
-        lines.append(f"{r['count']} snapshots; store holds {r['blobs']} blobs, {_mib(r['bytes'])}")
+        lines.append(f"{r['count']} snapshots; store holds {r['blobs']} blobs, {mib(r['bytes'])}")
         return "\n".join(lines)
 
     emit(result, as_json, human)
@@ -164,8 +162,8 @@ def snapshots_cmd(local: str | None, as_json: bool) -> None:
 @handled
 def verify_cmd(snapshot: str | None, sample: float | None, local: str | None, as_json: bool) -> None:
     """Re-hash blobs, check every manifest's blobs exist, restore-drill each database (exit 1 on problems)."""
-    ops = _ops(local)
-    result = _run(lambda: ops.verify(snapshot, sample))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.verify(snapshot, sample))
 
     def human(r: dict[str, Any]) -> str:
         head = (
@@ -194,12 +192,12 @@ def restore_cmd(snapshot: str, yes: bool, force: bool, local: str | None, as_jso
     """Replace the data dir with SNAPSHOT (or `latest`): verified first, a safety snapshot taken, staged, swapped."""
     settings = get_settings()
     confirm_destructive(settings, f"restore {snapshot}", yes)
-    ops = _ops(local)
-    result = _run(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
         safety = f"; safety snapshot {r['safety_snapshot']}" if r.get("safety_snapshot") else ""
-        return f"restored {r['restored']}: {r['files']} files, {_mib(r['bytes'])}{safety}"
+        return f"restored {r['restored']}: {r['files']} files, {mib(r['bytes'])}{safety}"
 
     emit(result, as_json, human)
 
@@ -233,14 +231,14 @@ def prune_cmd(
     weekly = settings.keep_weekly if keep_weekly is None else keep_weekly
     if not dry_run:
         confirm_destructive(settings, "prune", yes)
-    ops = _ops(local)
-    result = _run(lambda: ops.prune(last, daily, weekly, dry_run, confirm=settings.data_volume))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.prune(last, daily, weekly, dry_run, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
         verb = "would remove" if r["dry_run"] else "removed"
         lines = [f"{verb} {s}" for s in r["removed"]]
         lines.append(
-            f"{verb} {len(r['removed'])} snapshots and {r['blobs_removed']} blobs ({_mib(r['bytes_freed'])}); "
+            f"{verb} {len(r['removed'])} snapshots and {r['blobs_removed']} blobs ({mib(r['bytes_freed'])}); "
             f"kept {len(r['kept'])}"
         )
         return "\n".join(lines)
@@ -263,12 +261,12 @@ def reset_cmd(scope: str, yes: bool, force: bool, local: str | None, as_json: bo
     """Delete all state, `auth` (ee/: users, tokens, settings) or `index` (index/, repositories/), after a snapshot."""
     settings = get_settings()
     confirm_destructive(settings, f"reset --scope {scope}", yes)
-    ops = _ops(local)
-    result = _run(lambda: ops.reset(scope, force=force, confirm=settings.data_volume))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.reset(scope, force=force, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
         return (
-            f"reset {r['scope']}: removed {r['removed_files']} files ({_mib(r['removed_bytes'])}); "
+            f"reset {r['scope']}: removed {r['removed_files']} files ({mib(r['removed_bytes'])}); "
             f"safety snapshot {r['safety_snapshot'] or 'none (nothing to keep)'}"
         )
 
@@ -282,16 +280,16 @@ def reset_cmd(scope: str, yes: bool, force: bool, local: str | None, as_json: bo
 @handled
 def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
     """What is in the data dir (or a snapshot): dirs, database users/owner/tables, last persist, snapshots."""
-    ops = _ops(local)
-    result = _run(lambda: ops.inspect(snapshot))
+    ops = ops_for(local)
+    result = run_op(lambda: ops.inspect(snapshot))
 
     def human(r: dict[str, Any]) -> str:
         db = r["db"]
         lines = [
-            f"{r.get('snapshot') or r.get('data_dir')}: {r['files']} files, {_mib(r['bytes'])}, {r['inodes']} inodes"
+            f"{r.get('snapshot') or r.get('data_dir')}: {r['files']} files, {mib(r['bytes'])}, {r['inodes']} inodes"
         ]
         for top, d in r["dirs"].items():
-            lines.append(f"  {top + '/':<16} {d['files']:>7} files  {_mib(d['bytes']):>12}")
+            lines.append(f"  {top + '/':<16} {d['files']:>7} files  {mib(d['bytes']):>12}")
         if db.get("present"):
             lines.append(
                 f"db {db.get('path')}: integrity {db['integrity']}, {db['users']} users, "
@@ -304,7 +302,7 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
             lines.append(f"last persist {last['time']} ({last['age_seconds']:.0f}s ago)")
         snaps = r.get("snapshots")
         if snaps:
-            lines.append(f"snapshots: {snaps['count']}, store {_mib(snaps['bytes'])}")
+            lines.append(f"snapshots: {snaps['count']}, store {mib(snaps['bytes'])}")
         for key, held in (r.get("locks") or {}).items():
             if held and held.get("live"):
                 lines.append(f"{key} lock: {held['describe']}")
