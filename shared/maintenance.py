@@ -85,15 +85,16 @@ class Maintenance:
             log.warning("the %s lease of this %s was broken while it ran", key, op)
 
     @contextlib.contextmanager
-    def _writing_store(self, op: str) -> Iterator[None]:
+    def _writing_store(self, op: str, *, then: VolumeLike | None = None) -> Iterator[None]:
         """Hold the store lease, reload the backups Volume, and commit it at the end (also after a failure: what a
-        failed run wrote is either complete or ignored by readers, and a safety snapshot must not be lost)."""
+        failed run wrote is either complete or ignored by readers, and a safety snapshot must not be lost), then
+        `then`, the data Volume when the run also wrote /data: its safety snapshot is published first."""
         with self._lease(lease.STORE, op, wait=self.store_wait):
-            self._reload(self.backups)
+            self._reload(self.backups, then)
             try:
                 yield
             finally:
-                self._commit(self.backups)
+                self._commit(self.backups, then)
 
     def _confirm(self, action: str, confirm: str) -> None:
         if confirm != self.data_volume_name:
@@ -222,12 +223,8 @@ class Maintenance:
         """The maintenance lease (the server will not start), no server running, then the store lease."""
         with self._lease(lease.MAINTENANCE, action):
             self._server_stopped(action, force)
-            with self._writing_store(action):
-                self._reload(self.data)
-                try:
-                    yield
-                finally:
-                    self._commit(self.data)
+            with self._writing_store(action, then=self.data):
+                yield
 
     def restore(self, snapshot_id: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
         self._confirm(f"restore {snapshot_id}", confirm)

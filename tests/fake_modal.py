@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import warnings
@@ -25,6 +26,8 @@ import pytest
 from modal.exception import NotFoundError
 
 from shared import lease, maintenance
+
+_COMMITS = itertools.count()  # orders commits across Volumes
 
 
 def _state(root: Path) -> dict[str, str]:
@@ -79,6 +82,7 @@ class Mount:
             (self.volume.committed / rel).unlink(missing_ok=True)
         self.base = now
         self.volume.commits += 1
+        self.volume.last_commit = next(_COMMITS)
 
     def dirty(self) -> bool:
         return _state(self.path) != self.base
@@ -92,6 +96,7 @@ class FakeVolume:
         self.committed.mkdir(parents=True, exist_ok=True)
         self.commits = 0
         self.reloads = 0
+        self.last_commit = -1  # position of its latest commit among all Volumes' commits
 
     def mount(self, path: Path) -> Mount:
         return Mount(self, path)

@@ -86,6 +86,9 @@ def test_restore_through_the_app_replaces_data_and_keeps_a_safety_snapshot(tmp_p
 
     result = ops.restore(snap["id"], confirm="tabby-data")
     assert result["restored"] == snap["id"] and result["safety_snapshot"]
+    # The safety snapshot (backups) is published before the data it protects: a crash between the two commits
+    # must not leave a restored /data with no way back.
+    assert fake.backups.last_commit < fake.data.last_commit
     restored = committed_data(fake, tmp_path)
     assert db_users(restored / "ee/db.sqlite") == ["user0@example.com", "user1@example.com"]
     store = fresh_store(fake, tmp_path)
