@@ -264,18 +264,10 @@ class TabbyServer:
 
 
 def lease_check(settings: Settings) -> MaintenanceCheck:
-    """The maintenance-lock check from `shared.lease` (a modal.Dict); no lock while that module is absent."""
+    """The maintenance-lock check: the live maintenance lease in the leases modal.Dict, described, or None."""
+    from shared.lease import maintenance_reason
 
-    def check() -> str | None:
-        try:
-            from shared.lease import maintenance_reason  # type: ignore[import-not-found]
-        except ModuleNotFoundError as err:
-            if err.name != "shared.lease":
-                raise
-            return None  # no lease module in this tree yet: no lock
-        return maintenance_reason(settings)
-
-    return check
+    return lambda: maintenance_reason(settings)
 
 
 def for_modal(settings: Settings, commit: Callable[[], None] | None) -> TabbyServer:

@@ -258,19 +258,3 @@ def test_a_failing_maintenance_check_fails_closed_then_recovers(tmp_path, harnes
     assert status == 503 and "could not be checked" in body["error"] and "unreachable" in body["error"]
     broken[0] = False
     poll(lambda: (h.server.gate(), h.server.state == "ready")[1], 15, what="start once the check works")
-
-
-def test_lease_check_without_a_lease_module_means_no_lock(no_modal_env, monkeypatch):
-    import builtins
-
-    from shared.server import lease_check
-
-    real_import = builtins.__import__
-
-    def no_lease(name, *args, **kwargs):
-        if name == "shared.lease":
-            raise ModuleNotFoundError("No module named 'shared.lease'", name="shared.lease")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_lease)
-    assert lease_check(load_settings(env_file=None))() is None
