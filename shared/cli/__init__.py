@@ -12,12 +12,6 @@ def cli() -> None:
 
 def main() -> None:
     # Imported here so each module registers its commands on `cli` exactly once.
-    from shared.cli import setup  # noqa: F401
+    from shared.cli import maintenance, serve, setup, state  # noqa: F401
 
-    for optional in ("state", "maintenance", "serve"):
-        try:
-            __import__(f"shared.cli.{optional}")
-        except ModuleNotFoundError as err:
-            if err.name != f"shared.cli.{optional}":
-                raise
     cli(prog_name="tabby-modal")
