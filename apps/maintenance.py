@@ -5,7 +5,7 @@
 
 Both Volumes are mounted: the data Volume that the server mirrors Tabby's root into (/data), and the backups
 Volume that holds the snapshot store (/backups). Each function is one operation, a thin call into
-`shared/maintenance.py`, which reloads what it reads, commits what it wrote, and holds the leases that keep the
+`shared/operations/maintenance.py`, which reloads what it reads, commits what it wrote, and holds the leases that keep the
 server and other maintenance runs out of the way. Every function also runs ad hoc, e.g.
 
     modal run -m apps.maintenance::snapshot --label before-upgrade
@@ -22,8 +22,8 @@ check); `--force` skips the running-server check and is dangerous.
 
 import modal
 
-from shared import maintenance
 from shared.image import build_image
+from shared.operations import maintenance
 from shared.settings import load_settings
 
 # Resolved here, on your machine; the container gets the same values through `env=` in the options.

@@ -64,8 +64,8 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 def serve(kind: str, port: int, upstream: str) -> None:
     """Child mode: run one proxy under uvicorn."""
     if kind == "ours-host":  # the same proxy under our aiohttp-based ASGI host (`serve --local`)
-        from shared.asgi_host import AsgiHost
-        from shared.proxy import Proxy
+        from shared.serving.host import AsgiHost
+        from shared.serving.proxy import Proxy
 
         async def run() -> None:
             await AsgiHost(Proxy(upstream), "127.0.0.1", port).start()
@@ -76,7 +76,7 @@ def serve(kind: str, port: int, upstream: str) -> None:
     import uvicorn
 
     if kind == "ours":
-        from shared.proxy import Proxy
+        from shared.serving.proxy import Proxy
 
         app: Any = Proxy(upstream)
         lifespan = "on"
@@ -250,7 +250,7 @@ time.sleep(60)
 
 
 def readiness(starts: int, seed_starts: int) -> dict[str, list[float]]:
-    from shared.supervisor import Supervisor
+    from shared.serving.supervisor import Supervisor
 
     rng = random.Random(1)
     ours: list[float] = []

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared import mirror
-from shared.store import Store
+from shared.state import mirror
+from shared.state.store import Store
 from tests.tabby_root import make_root
 
 

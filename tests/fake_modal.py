@@ -4,7 +4,7 @@
   view stay invisible to every other view until `commit()` publishes them (whole files, last writer wins), and a
   view sees others' commits only after `reload()`; a reload drops what was not committed. So a function that forgets
   to commit, or to reload before it reads, fails the tests as it would fail on Modal.
-- The Dict is `shared.lease.DirDict`: the same atomic put-if-absent as `modal.Dict.put(skip_if_exists=True)`.
+- The Dict is `shared.state.lease.DirDict`: the same atomic put-if-absent as `modal.Dict.put(skip_if_exists=True)`.
 - `FakeModal.lookup(name)` stands for `modal.Function.from_name(app, name)`: `.remote(**kw)` runs the real body of
   the function in `apps/maintenance.py` (via `Function.local`) in a "maintenance container" whose Modal objects are
   these fakes; an undeployed app raises NotFoundError like Modal's lookup.
@@ -25,7 +25,8 @@ from typing import Any, BinaryIO
 import pytest
 from modal.exception import NotFoundError
 
-from shared import lease, maintenance
+from shared.operations import maintenance
+from shared.state import lease
 
 _COMMITS = itertools.count()  # orders commits across Volumes
 
@@ -177,6 +178,6 @@ class FakeModal:
         return FakeFunction(self, name)
 
     def remote_ops(self, settings: Any) -> Any:
-        from shared.remote import RemoteOps
+        from shared.operations.remote import RemoteOps
 
         return RemoteOps(settings, lookup=self.lookup, backups=self.backups, locks=self.locks)

@@ -108,7 +108,7 @@ class Standin:
 async def serve_asgi(app: Any, kind: str = "asgi_host", *, lifespan: bool = True) -> AsyncIterator[str]:
     """Serve an ASGI app on 127.0.0.1 with our aiohttp host or uvicorn; yields its base URL."""
     if kind == "asgi_host":
-        from shared.asgi_host import AsgiHost
+        from shared.serving.host import AsgiHost
 
         host = AsgiHost(app, "127.0.0.1", 0, lifespan=lifespan)
         await host.start()

@@ -3,8 +3,10 @@
 
 Run as `python tests/standin_tabby.py serve --model ... --port P` (tests put a `tabby` wrapper on PATH that does
 this with the test's Python). Like Tabby it prints a spinner while "loading models" (STANDIN_LOAD_SECONDS),
-spawns a child (`llama-server`), opens a WAL SQLite at $TABBY_ROOT/ee/db.sqlite with a `users` table, and only
-then binds its port. Like axum/hyper it drops a request's handler when the client goes away.
+spawns a child (`llama-server`), opens a WAL SQLite at $TABBY_ROOT/ee/db.sqlite with Tabby 0.32's `users` and
+`_sqlx_migrations` (49 rows, version 50; a `db.backup-YYYYMMDD.sqlite` copy first when migrations are pending), prints
+"🚀 Listening at http://HOST:PORT" and only then binds its port. The owner is the user with id 1. Like axum/hyper it
+drops a request's handler when the client goes away.
 
 Environment knobs (all optional):
   STANDIN_TOKEN               bearer token accepted on /v1/* (also any users.auth_token); default "standin-token"
@@ -12,6 +14,7 @@ Environment knobs (all optional):
   STANDIN_SPINNER             "lines" (one line per frame, as in non-TTY logs) or "cr" (frames end with \\r)
   STANDIN_CRASH_AT_START=N    exit with code N while loading
   STANDIN_HANG=1              never bind (spin forever)
+  STANDIN_BIND_GATE=PATH      after "Listening at", wait for PATH to exist before binding
   STANDIN_IGNORE_TERM=1       ignore SIGTERM (stop must escalate to SIGKILL)
   STANDIN_CHILD=0             do not spawn the llama-server child
   STANDIN_CHILD_PIDFILE=PATH  write the child's pid there
@@ -32,6 +35,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -43,14 +47,186 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, email VARCHAR(150) NOT NULL UNIQUE,
-    is_admin BOOLEAN NOT NULL DEFAULT 0, auth_token VARCHAR(128) NOT NULL UNIQUE,
-    created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE IF NOT EXISTS user_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, created_at INTEGER NOT NULL);
+# --- Tabby 0.32's database ------------------------------------------------------------------------------------
+# Written from the facts of TabbyML/tabby v0.32.0 `ee/tabby-db/migrations/*.up.sql` (not copied from them): the final
+# shape, after all 49 migrations, of the tables our code and tests read.
+#   users: 0002 creates id, email (NOCASE), is_admin, created_at, updated_at, auth_token, active and a NOT NULL
+#   password_encrypted; 0018 re-adds password_encrypted as nullable at the end; 0019 adds avatar; 0030 adds name.
+#   registration_token: 0001 (Tabby inserts row id 1 after migrating). refresh_tokens: rebuilt by 0026.
+#   user_events: 0025. `_sqlx_migrations`: as sqlx 0.7 (sqlx-sqlite `ensure_migrations_table`) creates it.
+SQLX_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+    version BIGINT PRIMARY KEY,
+    description TEXT NOT NULL,
+    installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    success BOOLEAN NOT NULL,
+    checksum BLOB NOT NULL,
+    execution_time BIGINT NOT NULL
+);
 """
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS registration_token (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    token VARCHAR(255) NOT NULL,
+    created_at TIMESTAMP DEFAULT (DATETIME('now')),
+    updated_at TIMESTAMP DEFAULT (DATETIME('now')),
+    CONSTRAINT idx_token UNIQUE (token)
+);
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    email VARCHAR(150) NOT NULL COLLATE NOCASE,
+    is_admin BOOLEAN NOT NULL DEFAULT 0,
+    created_at TIMESTAMP DEFAULT (DATETIME('now')),
+    updated_at TIMESTAMP DEFAULT (DATETIME('now')),
+    auth_token VARCHAR(128) NOT NULL,
+    active BOOLEAN NOT NULL DEFAULT 1,
+    password_encrypted VARCHAR(128),
+    avatar BLOB DEFAULT NULL,
+    name VARCHAR(255),
+    CONSTRAINT idx_email UNIQUE (email),
+    CONSTRAINT idx_auth_token UNIQUE (auth_token)
+);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL,
+    token VARCHAR(255) NOT NULL COLLATE NOCASE,
+    expires_at TIMESTAMP NOT NULL,
+    created_at TIMESTAMP DEFAULT (DATETIME('now')),
+    CONSTRAINT idx_token UNIQUE (token),
+    FOREIGN KEY (user_id) REFERENCES users(id)
+);
+CREATE TABLE IF NOT EXISTS user_events (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT (DATETIME('now')),
+    payload BLOB NOT NULL,
+    FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_user_events_user_id ON user_events(user_id);
+CREATE INDEX IF NOT EXISTS idx_user_events_created_at ON user_events(created_at);
+"""
+# Tabby 0.32's migrations as sqlx names them: the version and description from each `NNNN_name.up.sql` (sqlx strips
+# `.up.sql` and turns `_` into spaces). There is no 0032: 49 rows, highest version 50.
+_MIGRATION_FILES = """
+1 registration-token-table
+2 users-table
+3 invitations-table
+4 refresh-tokens
+5 job-runs-table
+6 github-oauth-credential
+7 email-setting
+8 repositories-table
+9 google-oauth-credential
+10 server-setting
+11 new-email-settings
+12 remove-redirect-uri-field-oauth
+13 add-smtp-port
+14 password-reset
+15 enterprise-license
+16 merge-oauth-tables
+17 add-user-completions
+18 user-password-nullable
+19 user-avatar
+20 job-run-index
+21 repository-name-index
+22 github-provider
+23 user-completions-created-at-index
+24 github-provided-repos
+25 user-events
+26 clean-up-tables
+27 remove-github-repository-columns-on-oauth
+28 gitlab-provider
+29 merged-provider-tables
+30 user-name
+31 web-crawler-urls
+33 add-job-runs-param-column
+34 add-started-at-column-in-job-runs
+35 add-thread-message-table
+36 web_document
+37 remove-webcrawler-table
+38 add-access-control-tables
+39 add-notification-inbox
+40 add-code-source-id-column
+41 ldap-credential
+42 add-file-list-attachment
+43 page-section
+44 add-page-sources
+45 remove-deprecated-columns
+46 add-disable-password-login
+47 add-ingestion
+48 add-branding-column
+49 add-oauth-columns
+50 add-repository-refs
+"""
+_NAMES = _MIGRATION_FILES.split()
+MIGRATIONS: tuple[tuple[int, str], ...] = tuple(
+    (int(v), d.replace("_", " ")) for v, d in zip(_NAMES[::2], _NAMES[1::2], strict=True)
+)
+OWNER_ID = 1  # Tabby's owner is the user with id 1 (tabby-db `OWNER_USER_ID`), the first registrant.
+
+
+def migration_checksum(version: int, description: str) -> bytes:
+    """sqlx stores the SHA-384 of each migration's SQL; the stand-in hashes a stand-in text instead (so a real Tabby
+    would refuse a stand-in database as "previously applied but modified": never hand it one)."""
+    return hashlib.sha384(f"stand-in migration {version} {description}".encode()).digest()
+
+
+def pending_migrations(conn: sqlite3.Connection) -> str | None:
+    """Why sqlx-migrate-validate would fail on this database (Tabby then backs the file up first), or None."""
+    try:
+        if conn.execute("SELECT version FROM _sqlx_migrations WHERE success = false LIMIT 1").fetchone():
+            return "dirty"
+        applied = dict(conn.execute("SELECT version, checksum FROM _sqlx_migrations").fetchall())
+    except sqlite3.OperationalError:
+        return "no _sqlx_migrations table"
+    for version, description in MIGRATIONS:
+        if version not in applied:
+            return f"migration {version} not applied"
+        if bytes(applied[version]) != migration_checksum(version, description):
+            return f"migration {version} modified"
+    return None
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """What `sqlx::migrate!().run()` leaves behind: the final tables and one `_sqlx_migrations` row per migration.
+    Like sqlx, refuses a dirty or modified history (Tabby then exits)."""
+    conn.executescript(SQLX_MIGRATIONS)
+    rows = conn.execute("SELECT version, success, checksum FROM _sqlx_migrations").fetchall()
+    applied = {int(v): (bool(ok), bytes(c)) for v, ok, c in rows}
+    for version, description in MIGRATIONS:
+        ok, checksum = applied.get(version, (True, migration_checksum(version, description)))
+        if not ok:
+            raise SystemExit(
+                f"migration {version} is partially applied; fix and remove row from `_sqlx_migrations`"
+            )
+        if checksum != migration_checksum(version, description):
+            raise SystemExit(f"migration {version} was previously applied but has been modified")
+    conn.execute("BEGIN")
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.executemany(
+        "INSERT OR IGNORE INTO _sqlx_migrations(version, description, success, checksum, execution_time)"
+        " VALUES (?, ?, TRUE, ?, ?)",
+        [(v, d, migration_checksum(v, d), 1_000_000 + v) for v, d in MIGRATIONS],
+    )
+    conn.execute("COMMIT")
+
+
+def register_user(
+    conn: sqlite3.Connection, email: str, *, password_encrypted: str | None = None, name: str | None = None
+) -> tuple[int, str, bool]:
+    """Tabby's sign-up on the database: while no admin exists the registrant is made admin (so the first one, id 1,
+    is the owner). Returns (id, auth_token, is_admin)."""
+    admin = conn.execute("SELECT EXISTS(SELECT 1 FROM users WHERE is_admin)").fetchone()[0]
+    token = f"auth_{uuid.uuid4().hex}"  # tabby-db `generate_auth_token`
+    cur = conn.execute(
+        "INSERT INTO users(email, password_encrypted, is_admin, auth_token, name) VALUES (?, ?, ?, ?, ?)",
+        (email, password_encrypted, not admin, token, name),
+    )
+    return int(cur.lastrowid or 0), token, not admin
+
 
 STATS: dict = {
     "requests": 0,
@@ -104,11 +280,23 @@ def spawn_child() -> subprocess.Popen | None:
 
 
 def open_db(root: Path) -> sqlite3.Connection:
+    """As Tabby 0.32 starts its database: open (creating the file) in WAL mode; when the migration history is not
+    complete, copy the file to `ee/db.backup-YYYYMMDD.sqlite` first (so a fresh root gets one too); migrate; then
+    make sure the registration token row exists."""
     ee = root / "ee"
     ee.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(ee / "db.sqlite", check_same_thread=False, isolation_level=None)
+    db = ee / "db.sqlite"
+    conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
+    conn.execute("PRAGMA foreign_keys=ON")  # sqlx's SQLite default
+    if pending_migrations(conn) is not None and db.exists():
+        shutil.copyfile(db, ee / f"db.backup-{time.strftime('%Y%m%d', time.gmtime())}.sqlite")
+    try:
+        migrate(conn)
+    except SystemExit as err:
+        print(f"Error: {err}", flush=True)
+        raise SystemExit(1) from None
+    conn.execute("INSERT OR IGNORE INTO registration_token(id, token) VALUES (1, ?)", (str(uuid.uuid4()),))
     return conn
 
 
@@ -127,13 +315,22 @@ class Standin:
         if not auth.startswith("Bearer "):
             return False
         token = auth[7:].strip()
-        if token == self.token:
-            return True
-        row = self.db.execute("SELECT 1 FROM users WHERE auth_token = ?", (token,)).fetchone()
-        return row is not None
+        return token == self.token or self.user_id(token) is not None
 
-    def event(self, kind: str) -> None:
-        self.db.execute("INSERT INTO user_events(kind, created_at) VALUES (?, ?)", (kind, int(time.time())))
+    def user_id(self, token: str) -> int | None:
+        """The active user whose auth_token this is (as tabby-db `verify_auth_token`)."""
+        row = self.db.execute("SELECT id FROM users WHERE auth_token = ? AND active", (token,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def event(self, kind: str, request: web.Request) -> None:
+        """Tabby logs events to `events/` and, for a signed-in user, a `user_events` row."""
+        token = request.headers.get("Authorization", "")[7:].strip()
+        user = self.user_id(token) if token else None
+        if user is not None:
+            payload = json.dumps({"kind": kind}).encode()
+            self.db.execute(
+                "INSERT INTO user_events(user_id, kind, payload) VALUES (?, ?, ?)", (user, kind, payload)
+            )
         events = self.root / "events" / (time.strftime("%Y-%m-%d", time.gmtime()) + ".json")
         events.parent.mkdir(parents=True, exist_ok=True)
         with open(events, "a") as f:
@@ -161,7 +358,7 @@ class Standin:
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.event("completion")
+        self.event("completion", request)
         prompt = (body.get("segments") or {}).get("prefix", "")
         return web.json_response(
             {
@@ -199,7 +396,7 @@ class Standin:
         except (asyncio.CancelledError, ConnectionError):
             STATS["chat_cancelled"] += 1
             raise
-        self.event("chat")
+        self.event("chat", request)
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -324,14 +521,27 @@ class Standin:
         return resp
 
     async def register(self, request: web.Request) -> web.Response:
+        """Sign-up without invitations: the first registrant (id 1) is made admin, the owner."""
         body = await request.json()
-        token = f"auth_{uuid.uuid4().hex}"
         count = self.db.execute("SELECT count(*) FROM users").fetchone()[0]
-        self.db.execute(
-            "INSERT INTO users(email, is_admin, auth_token) VALUES (?, ?, ?)",
-            (body.get("email", f"user{count}@example.com"), int(count == 0), token),
+        email = body.get("email", f"user{count}@example.com")
+        password = (
+            "$argon2id$v=19$m=19456,t=2,p=1$stand-in$" + hashlib.sha256(email.encode()).hexdigest()[:43]
         )
-        return web.json_response({"auth_token": token, "is_admin": count == 0})
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            user, token, admin = register_user(
+                self.db, email, password_encrypted=password, name=body.get("name")
+            )
+            self.db.execute(
+                "INSERT INTO refresh_tokens(user_id, token, expires_at) VALUES (?, ?, DATETIME('now', '+7 days'))",
+                (user, uuid.uuid4().hex),
+            )
+        except sqlite3.IntegrityError:
+            self.db.execute("ROLLBACK")
+            return web.json_response({"error": "User already exists"}, status=409)
+        self.db.execute("COMMIT")
+        return web.json_response({"auth_token": token, "is_admin": admin, "id": user})
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.auth], client_max_size=1 << 30)
@@ -362,9 +572,17 @@ class Standin:
 async def serve(args: argparse.Namespace, standin: Standin) -> None:
     runner = web.AppRunner(standin.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
+    # As crates/tabby/src/routes/mod.rs `run_app` (banner art left out): print, then bind. A client that connects on
+    # this line can still be refused; STANDIN_BIND_GATE holds the bind until that file exists, to show it in tests.
+    address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    sys.stdout.flush()
+    sys.stdout.buffer.write(f"\n📄 Version 0.32.0\n🚀 Listening at http://{address}\n\n".encode())
+    sys.stdout.flush()
+    gate = os.environ.get("STANDIN_BIND_GATE")
+    while gate and not os.path.exists(gate):
+        await asyncio.sleep(0.01)
     site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
     await site.start()
-    print(f"Listening at {args.host}:{args.port}", flush=True)
     await asyncio.Event().wait()
 
 

@@ -1,6 +1,6 @@
 """Generate Tabby-like roots for tests and benchmarks, and a writer process that keeps one busy.
 
-Layout as Tabby 0.32 leaves it (see ../shared/notes/tabby.md): a WAL `ee/db.sqlite` with Tabby-ish tables, `ee/jobs/<id>/
+Layout as Tabby 0.32 leaves it (see ../shared/notes/tabby.md): a WAL `ee/db.sqlite` with Tabby's tables, `ee/jobs/<id>/
 stdout.log`, `events/YYYY-MM-DD.json`, a Tantivy-like `index/` (meta.json naming segment files, `.managed.json`,
 `.tantivy-*.lock`), git clones under `repositories/`, `config.toml`, `usage_anonymous_id`, and a `models/` dir that the
 mirror must leave out. Sizes scale with `size_mb`: about 10% database, 65% index (~10k files per GiB), 5% events,
@@ -25,36 +25,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.standin_tabby import MIGRATIONS, migrate, register_user
+
 SEGMENT_EXTS = ("idx", "pos", "term", "store", "fast", "fieldnorm")
-SCHEMA = """
-CREATE TABLE _sqlx_migrations (
-    version BIGINT PRIMARY KEY, description TEXT NOT NULL,
-    installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL,
-    checksum BLOB NOT NULL, execution_time BIGINT NOT NULL);
-CREATE TABLE users (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, email VARCHAR(150) NOT NULL COLLATE NOCASE,
-    password_encrypted VARCHAR(128), is_admin BOOLEAN NOT NULL DEFAULT 0, auth_token VARCHAR(128) NOT NULL,
-    created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, updated_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    active BOOLEAN NOT NULL DEFAULT 1, name VARCHAR(255),
-    CONSTRAINT idx_email UNIQUE (email), CONSTRAINT idx_auth_token UNIQUE (auth_token));
-CREATE TABLE refresh_tokens (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, token VARCHAR(255) NOT NULL UNIQUE,
-    expires_at TIMESTAMP NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE);
-CREATE TABLE registration_token (id INTEGER PRIMARY KEY AUTOINCREMENT, token VARCHAR(255) NOT NULL UNIQUE);
-CREATE TABLE server_setting (
-    id INTEGER PRIMARY KEY, security_disable_client_side_telemetry BOOLEAN NOT NULL DEFAULT 0,
-    network_external_url TEXT NOT NULL DEFAULT 'http://localhost:8080');
-CREATE TABLE job_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, name VARCHAR(255) NOT NULL, exit_code INTEGER, stdout TEXT,
-    created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE user_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, kind TEXT NOT NULL,
-    created_at INTEGER NOT NULL, payload BLOB);
-CREATE TABLE counter (n INTEGER PRIMARY KEY);
-"""
-MIGRATIONS = 42
-FIRST_MIGRATION = 20231104000000
+# Tabby 0.32's own tables come from the stand-in (tests/standin_tabby.py); `counter` is the tests' own.
+COUNTER = "CREATE TABLE counter (n INTEGER PRIMARY KEY);"
 
 
 def _rng_bytes(rng: random.Random, n: int) -> bytes:
@@ -70,31 +45,28 @@ def _write(path: Path, data: bytes, mtime: float | None = None) -> int:
 
 
 def make_db(path: Path, *, users: int, filler_bytes: int, rng: random.Random) -> dict[str, Any]:
-    """A WAL database with Tabby's core tables; `users` accounts, the first one admin (the owner)."""
+    """A WAL database as Tabby 0.32 leaves it (its tables, 49 migrations, the registration token) with `users`
+    accounts registered as Tabby does (the first, id 1, is the admin owner), plus `counter` and filler events."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    conn.executemany(
-        "INSERT INTO _sqlx_migrations(version, description, success, checksum, execution_time) VALUES (?,?,1,?,1)",
-        [(FIRST_MIGRATION + i * 1000000, f"migration {i}", rng.randbytes(48)) for i in range(MIGRATIONS)],
+    migrate(conn)
+    conn.execute(COUNTER)
+    conn.execute("BEGIN")
+    conn.execute(
+        "INSERT INTO registration_token(id, token) VALUES (1, ?)", (str(uuid.UUID(int=rng.getrandbits(128))),)
     )
     for i in range(users):
-        conn.execute(
-            "INSERT INTO users(email, password_encrypted, is_admin, auth_token) VALUES (?,?,?,?)",
-            (
-                f"user{i}@example.com",
-                "$argon2id$" + rng.randbytes(16).hex(),
-                int(i == 0),
-                f"auth_{uuid.uuid4().hex}",
-            ),
+        user, _, _ = register_user(
+            conn,
+            f"user{i}@example.com",
+            password_encrypted="$argon2id$" + rng.randbytes(16).hex(),
+            name=f"User {i}",
         )
         conn.execute(
             "INSERT INTO refresh_tokens(user_id, token, expires_at) VALUES (?,?,datetime('now','+7 days'))",
-            (i + 1, rng.randbytes(16).hex()),
+            (user, rng.randbytes(16).hex()),
         )
-    conn.execute("INSERT INTO server_setting(id) VALUES (1)")
-    conn.execute("INSERT INTO registration_token(token) VALUES (?)", (rng.randbytes(16).hex(),))
     row = 4000
     written = 0
     while written < filler_bytes:
@@ -103,9 +75,9 @@ def make_db(path: Path, *, users: int, filler_bytes: int, rng: random.Random) ->
             "INSERT INTO user_events(user_id, kind, created_at, payload) VALUES (?,?,?,?)", batch
         )
         written += row * len(batch)
-    conn.commit()
+    conn.execute("COMMIT")
     conn.close()
-    return {"users": users, "schema_version": FIRST_MIGRATION + (MIGRATIONS - 1) * 1000000}
+    return {"users": users, "schema_version": MIGRATIONS[-1][0], "migrations": len(MIGRATIONS)}
 
 
 def leave_wal(db: Path, rows: int) -> None:

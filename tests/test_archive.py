@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.store import Store
+from shared.state.store import Store
 from tests.conftest import run_cli
 from tests.tabby_root import counter_values, leave_wal, make_root, tree_state
 

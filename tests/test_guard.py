@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shared import guard as guard_mod
-from shared.guard import COOKIE, SIGNUP_PATH, OwnerGuard, cookie_value, has_user
-from shared.proxy import Proxy
+from shared.serving import guard as guard_mod
+from shared.serving.guard import COOKIE, SIGNUP_PATH, OwnerGuard, cookie_value, has_user
+from shared.serving.proxy import Proxy
 from tests.harness import TOKEN, Standin, serve_asgi
 
 SETUP = "6f1c1b7e-3a52-4d0e-9a55-2f8d0c6c3c11"

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from shared import lease
-from shared.lease import DirDict, Lease, LeaseHeld
+from shared.state import lease
+from shared.state.lease import DirDict, Lease, LeaseHeld
 from tests.conftest import REPO, run_cli
 from tests.harness import poll
 from tests.tabby_root import make_root, tree_state
@@ -23,7 +23,7 @@ ALLOW = {"TABBY_MODAL_ALLOW_DESTRUCTIVE": "1"}
 RACER = """
 import sys
 from pathlib import Path
-from shared.lease import DirDict, Lease, LeaseHeld
+from shared.state.lease import DirDict, Lease, LeaseHeld
 go = Path(sys.argv[2])
 while not go.exists():
     pass
@@ -131,7 +131,7 @@ def test_a_broken_lease_is_not_released_over_its_new_holder(tmp_path):
 
 
 def test_server_start_check_reads_the_modal_dict(tmp_path, monkeypatch, no_modal_env):
-    from shared.server import lease_check
+    from shared.serving.runtime import lease_check
     from shared.settings import load_settings
 
     d = DirDict(tmp_path / "dict")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import database, mirror
-from shared.atomic import StateError
+from shared.state import database, mirror
+from shared.state.atomic import StateError
 from tests.tabby_root import counter_values, make_root, read_meta, tantivy_commit, tree_state
 
 SEED = 7

@@ -1,4 +1,4 @@
-"""Every property of the proxy (see shared/proxy.py), one test each, over real sockets on 127.0.0.1.
+"""Every property of the proxy (see shared/serving/proxy.py), one test each, over real sockets on 127.0.0.1.
 
 The proxy runs under our aiohttp-based ASGI host and under uvicorn (HTTP only: this uvicorn has no websocket
 library); the upstream is the stand-in Tabby, or a purpose-built socket server where a property needs one.
@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shared.proxy import Proxy, Refusal
+from shared.serving.proxy import Proxy, Refusal
 from tests.harness import TOKEN, Standin, free_port, serve_asgi
 
 HOSTS = ["asgi_host", "uvicorn"]

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from shared import lease, maintenance, mirror
-from shared.atomic import StateError
+from shared.operations import maintenance
 from shared.settings import load_settings
-from shared.store import Store
+from shared.state import lease, mirror
+from shared.state.atomic import StateError
+from shared.state.store import Store
 from tests.fake_modal import FakeModal
 from tests.tabby_root import make_root, tree_state
 

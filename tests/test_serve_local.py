@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared import mirror
+from shared.state import mirror
 from tests.conftest import BIN, REPO, clean_env, run_cli
 from tests.harness import free_port, poll, tabby_wrapper
 
@@ -153,7 +153,7 @@ def test_serve_local_start_failure_exits_1_with_the_reason(tmp_path):
 
 
 def test_serve_local_waits_for_a_local_restore_lease(tmp_path):
-    from shared.lease import DirDict, Lease
+    from shared.state.lease import DirDict, Lease
 
     local = tmp_path / "state"
     held = Lease(DirDict(local / "locks"), "maintenance", "restore", ttl=600, owner="ops").acquire()

@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shared import mirror
-from shared.server import TabbyServer
+from shared.serving.runtime import TabbyServer
+from shared.serving.supervisor import group_members
 from shared.settings import load_settings
-from shared.supervisor import group_members
+from shared.state import mirror
 from tests.harness import TOKEN, free_port, poll, serve_asgi, tabby_wrapper
-from tests.standin_tabby import SCHEMA
+from tests.standin_tabby import migrate, register_user
 
 SETUP = "6f1c1b7e-3a52-4d0e-9a55-2f8d0c6c3c11"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -34,15 +34,11 @@ def seed_data_dir(tmp: Path, data: Path, emails: list[str]) -> None:
     """A data dir as a previous server left it: a persisted root whose DB has these users."""
     root = tmp / "seed-root"
     (root / "ee").mkdir(parents=True)
-    conn = sqlite3.connect(root / "ee/db.sqlite")
+    conn = sqlite3.connect(root / "ee/db.sqlite", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    for i, email in enumerate(emails):
-        conn.execute(
-            "INSERT INTO users(email, is_admin, auth_token) VALUES (?, ?, ?)",
-            (email, int(i == 0), f"auth_{i}"),
-        )
-    conn.commit()
+    migrate(conn)  # Tabby 0.32's tables and migration history
+    for email in emails:
+        register_user(conn, email)  # the first one is the owner (id 1, admin)
     conn.close()
     (root / "events").mkdir()
     (root / "events/2026-01-01.json").write_text('{"old": true}\n')

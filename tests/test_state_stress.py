@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from shared import database, mirror
-from shared.atomic import write_stream
-from shared.locks import LOCK_NAME
-from shared.store import Store
+from shared.state import database, mirror
+from shared.state.atomic import write_stream
+from shared.state.locks import LOCK_NAME
+from shared.state.store import Store
 from tests.conftest import REPO
 from tests.tabby_root import make_root, tantivy_commit
 
@@ -133,8 +133,8 @@ def busy_writer(tmp_path: Path, cycles: int) -> None:
 RUNNER = """
 import sys
 from pathlib import Path
-from shared import mirror
-from shared.store import Store
+from shared.state import mirror
+from shared.state.store import Store
 op, live, data, backups, arg = sys.argv[1:6]
 store = Store.open(Path(backups), lock_wait=60)
 print("go", flush=True)

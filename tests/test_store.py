@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from shared import database, inspection, mirror
-from shared.atomic import HashMismatch, StateError
-from shared.locks import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
-from shared.mirror import Entry
-from shared.progress import Progress
-from shared.store import (
+from shared.state import database, inspection, mirror
+from shared.state.atomic import HashMismatch, StateError
+from shared.state.locks import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
+from shared.state.mirror import Entry
+from shared.state.progress import Progress
+from shared.state.store import (
     ID_RE,
     PACK_FOOTER,
     DirectoryBackend,
@@ -475,8 +475,8 @@ def test_a_corrupt_pack_index_names_each_snapshot_and_path_and_blocks_restore(en
 CHILD_KILLED_MID_PACK = """
 import os, sys, time
 from pathlib import Path
-from shared import store as st
-from shared.store import Store
+from shared.state import store as st
+from shared.state.store import Store
 first = st._PackWriter.add
 def add(self, sha, data):
     first(self, sha, data)
@@ -611,7 +611,7 @@ def test_inspect_data_dir_and_snapshot(env):
     db = rep["db"]
     assert db["integrity"] == "ok" and db["users"] == 3 and db["owner"] is True
     assert db["tables"]["counter"] == 12 and db["tables"]["refresh_tokens"] == 3
-    assert db["schema_version"] == 20231145000000
+    assert db["schema_version"] == 50  # Tabby 0.32: 49 migrations, the last one 0050
     assert set(rep["dirs"]) == {".", "ee", "events", "index", "repositories"}
     assert rep["dirs"]["ee"]["files"] >= 9 and rep["inodes"] > rep["files"]
     assert 0 <= rep["last_persist"]["age_seconds"] < 600 and rep["last_persist"]["pending"] is False
@@ -649,7 +649,7 @@ def test_owner_detection_without_is_admin(tmp_path, columns, row, owner):
 
 HOLDER = """
 import sys, time
-from shared.locks import StoreLock
+from shared.state.locks import StoreLock
 StoreLock(sys.argv[1], "snapshot").acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -708,7 +708,7 @@ def test_an_empty_lock_file_is_a_holder_mid_write_until_it_is_old(tmp_path):
 
 CONTENDER = """
 import os, sys
-from shared.locks import StoreLock
+from shared.state.locks import StoreLock
 log = sys.argv[2]
 for i in range(15):
     with StoreLock(sys.argv[1], "op", wait=60):

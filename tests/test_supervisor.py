@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import load_settings
-from shared.supervisor import (
+from shared.serving.supervisor import (
     LogTail,
     Supervisor,
     TabbyStartError,
@@ -23,6 +22,7 @@ from shared.supervisor import (
     find_tabby,
     group_members,
 )
+from shared.settings import load_settings
 from tests.harness import free_port, poll, tabby_wrapper
 
 

@@ -15,7 +15,7 @@ import click
 from shared.cli import cli
 from shared.cli.common import CommandError, emit, handled, json_option, local_option, say
 from shared.cli.state import ops_for, run_op
-from shared.progress import mib
+from shared.state.progress import mib
 
 
 @cli.command("export")

@@ -63,9 +63,10 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
 @handled
 def serve_cmd(local: str, port: int | None, host: str) -> None:
     """Run Tabby behind the proxy on this machine (needs TABBY_BIN or `tabby` on PATH)."""
-    from shared import lease
-    from shared.server import TabbyServer, setup_logging
-    from shared.supervisor import find_tabby
+    from shared.logs import setup_logging
+    from shared.serving.runtime import TabbyServer
+    from shared.serving.supervisor import find_tabby
+    from shared.state import lease
 
     settings = get_settings()
     tabby = find_tabby(settings.tabby_bin)
@@ -90,8 +91,8 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
 
 
 async def _serve(server, host: str, port: int) -> int:
-    from shared.asgi_host import AsgiHost
-    from shared.guard import has_user
+    from shared.serving.guard import has_user
+    from shared.serving.host import AsgiHost
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -7,7 +7,6 @@ from typing import Any
 import click
 from pydantic import SecretStr
 
-from shared import doctor
 from shared.cli import cli
 from shared.cli.common import (
     EXIT_PROBLEMS,
@@ -20,6 +19,7 @@ from shared.cli.common import (
     require_modal_credentials,
     say,
 )
+from shared.operations import doctor
 from shared.settings import Settings, env_name, sources
 
 

@@ -1,7 +1,7 @@
 """Tabby's state: `persist`, `hydrate`, `snapshot`, `snapshots`, `verify`, `restore`, `prune`, `reset`, `inspect`.
 
 With `--local DIR` they work on DIR/data (the data Volume) and DIR/backups (the backups Volume); without it they go
-to Modal through `shared.remote`. Exit codes: 0 done, 1 verify found problems, 2 bad input or refused.
+to Modal through `shared.operations.remote`. Exit codes: 0 done, 1 verify found problems, 2 bad input or refused.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 
-from shared.atomic import StateError
 from shared.cli import cli
 from shared.cli.common import (
     EXIT_PROBLEMS,
@@ -26,8 +25,9 @@ from shared.cli.common import (
     local_option,
     require_modal_credentials,
 )
-from shared.ops import open_ops
-from shared.progress import mib
+from shared.operations.forms import open_ops
+from shared.state.atomic import StateError
+from shared.state.progress import mib
 
 
 @contextlib.contextmanager

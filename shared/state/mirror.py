@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shared import database
-from shared.atomic import (
+from shared.state import database
+from shared.state.atomic import (
     SHA256_RE,
     TMP_MARK,
     HashMismatch,
@@ -52,8 +52,8 @@ from shared.atomic import (
     write_new_bytes,
     write_private,
 )
-from shared.locks import process_alive, this_process
-from shared.progress import Progress, silent
+from shared.state.locks import process_alive, this_process
+from shared.state.progress import Progress, silent
 
 META_DIR = ".tabby-modal"
 MANIFEST = f"{META_DIR}/persist.json"

@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from shared import database
-from shared.atomic import StateError, fsync_dir, tmp_path
-from shared.mirror import Entry
-from shared.progress import Progress, silent
-from shared.store import Store
+from shared.state import database
+from shared.state.atomic import StateError, fsync_dir, tmp_path
+from shared.state.mirror import Entry
+from shared.state.progress import Progress, silent
+from shared.state.store import Store
 
 # Top-level names of a Tabby root: a single top folder with one of these names is content, not a wrapper.
 TABBY_TOP = frozenset({"ee", "index", "events", "repositories", "models", "dataset", "config.toml"})

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared import database, mirror
-from shared.atomic import StateError, write_stream
-from shared.store import Store, blob_name
+from shared.state import database, mirror
+from shared.state.atomic import StateError, write_stream
+from shared.state.store import Store, blob_name
 
 
 def _dirs(entries: dict[str, tuple[int, bool]]) -> dict[str, dict[str, int]]:

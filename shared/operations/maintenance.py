@@ -4,7 +4,7 @@
 - **Volumes.** Each operation reloads the Volumes it reads first (a warm container would otherwise see an old
   view, e.g. miss the server's last persist) and commits exactly the Volumes it wrote, backups before data (so a
   safety snapshot is durable before the data it protects changes). Locally both are None: plain directories.
-- **Leases** (`shared.lease`, a modal.Dict): `restore` and `reset` hold the `maintenance` lease for their whole run,
+- **Leases** (`shared.state.lease`, a modal.Dict): `restore` and `reset` hold the `maintenance` lease for their whole run,
   which the server checks before it starts; every run that writes the backups store holds the `store` lease, so a
   scheduled snapshot in one container and a prune in another never interleave.
 - **Never two writers of /data.** `restore` and `reset` refuse while the server app has running containers.
@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared import archive, lease
-from shared.atomic import StateError
-from shared.ops import LocalOps
+from shared.operations.local import LocalOps
+from shared.state import archive, lease
+from shared.state.atomic import StateError
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -166,7 +166,7 @@ class Maintenance:
         return {"snapshot": snap, "prune": pruned}
 
     def export_archive(self, snapshot_id: str, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
-        """Write a snapshot as a .tar.gz at `out` (see shared.archive)."""
+        """Write a snapshot as a .tar.gz at `out` (see shared.state.archive)."""
         with self._lease(lease.STORE, "export", wait=self.store_wait):
             self._reload(self.backups)
             return self._export(snapshot_id, Path(out), overwrite)
@@ -274,13 +274,12 @@ def server_containers(settings: Settings) -> Callable[[], int]:
         import modal
         from modal.exception import NotFoundError
 
-        # `Tabby.*` is the service function behind every method of the server's class.
-        fn = modal.Function.from_name(
-            settings.server_app, "Tabby.*", environment_name=settings.modal_environment
-        )
+        # Through the class (modal 1.6 refuses `Function.from_name(app, "Tabby.*")` before any call): every method
+        # of `Tabby` (apps/server.py) runs on its one service function, so `web`'s stats count its containers.
+        cls = modal.Cls.from_name(settings.server_app, "Tabby", environment_name=settings.modal_environment)
         try:
-            return int(fn.get_current_stats().num_total_runners)
-        except NotFoundError:
+            return int(cls().web.get_current_stats().num_total_runners)
+        except NotFoundError:  # the server app (or its class) is not deployed
             return 0
 
     return count
@@ -351,7 +350,7 @@ def run(op: str, *, data: VolumeLike, backups: VolumeLike, **kwargs: Any) -> dic
     """The body of maintenance function `op` in its container: settings from the container's env, the Volumes
     mounted by the app, a short log line with the outcome. Refusals raise StateError (Modal re-raises it in the
     caller, and `modal run` exits non-zero)."""
-    from shared.server import setup_logging
+    from shared.logs import setup_logging
     from shared.settings import load_settings
 
     setup_logging()

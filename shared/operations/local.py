@@ -1,8 +1,8 @@
 """One facade for Tabby's state operations, local or remote, returning JSON-serialisable dicts.
 
 `LocalOps` works on two directories: the data dir (on Modal the `/data` Volume; locally `DIR/data`) and the
-backups dir (`/backups`; locally `DIR/backups`). `shared.remote.RemoteOps` offers the same methods against the
-deployed maintenance app; `open_ops()` picks one. Errors are StateError (one line, bad input or refused).
+backups dir (`/backups`; locally `DIR/backups`). `shared.operations.remote.RemoteOps` offers the same methods against the
+deployed maintenance app; `shared.operations.forms.open_ops()` picks one. Errors are StateError (one line, bad input or refused).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared import inspection, mirror
-from shared.progress import DEFAULT_INTERVAL, Progress
-from shared.store import Store
+from shared.state import inspection, mirror
+from shared.state.progress import DEFAULT_INTERVAL, Progress
+from shared.state.store import Store
 
 if TYPE_CHECKING:
-    from shared.settings import Settings
+    pass
 
 
 class LocalOps:
@@ -82,14 +82,3 @@ class LocalOps:
         """{db: {integrity, users, owner, tables, schema_version}, dirs, files, bytes, inodes, last_persist,
         snapshots: {count, bytes, blobs, newest}}."""
         return inspection.inspect(self.data_dir, self.store, snapshot_id)
-
-
-def open_ops(settings: Settings, local: str | None) -> Any:
-    """`--local DIR`: the maintenance rules over DIR/data and DIR/backups; else the deployed maintenance app."""
-    if local is not None:
-        from shared.maintenance import for_local
-
-        return for_local(settings, local)
-    from shared.remote import RemoteOps
-
-    return RemoteOps(settings)

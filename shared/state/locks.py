@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import StateError, fsync_dir, read_record
+from shared.state.atomic import StateError, fsync_dir, read_record
 
 LOCK_NAME = "lock.json"
 BREAKING_NAME = "lock.json.breaking"

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
 
-from shared.proxy import ASGIApp, Receive, Scope, Send, reject_websocket, send_json
+from shared.serving.proxy import ASGIApp, Receive, Scope, Send, reject_websocket, send_json
 
 log = logging.getLogger("tabby_modal.guard")
 

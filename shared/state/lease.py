@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.atomic import StateError, fsync_dir, read_record, tmp_path
+from shared.state.atomic import StateError, fsync_dir, read_record, tmp_path
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.guard import OwnerGuard
-from shared.proxy import ASGIApp, Proxy, Refusal
+from shared.serving.guard import OwnerGuard
+from shared.serving.proxy import ASGIApp, Proxy, Refusal
+from shared.serving.supervisor import Supervisor, TabbyStartError, build_command, build_env, find_tabby
 from shared.settings import Settings
-from shared.supervisor import Supervisor, TabbyStartError, build_command, build_env, find_tabby
 
 log = logging.getLogger("tabby_modal.server")
 
@@ -137,7 +136,7 @@ class TabbyServer:
                 return False
             self.state = "hydrating"
             try:
-                from shared import mirror
+                from shared.state import mirror
 
                 started = time.monotonic()
                 result = mirror.hydrate(self.data_dir, self.live_root)
@@ -210,7 +209,7 @@ class TabbyServer:
         """One persist of the live root into the data dir, then the commit hook. Never raises: logs instead."""
         if not self._hydrated:
             return None  # never mirror a root we did not hydrate: it would replace the data with nothing
-        from shared import mirror
+        from shared.state import mirror
 
         kwargs: dict[str, Any] = {"commit": self.commit}
         if self._epoch is not None and "epoch" in inspect.signature(mirror.persist).parameters:
@@ -265,7 +264,7 @@ class TabbyServer:
 
 def lease_check(settings: Settings) -> MaintenanceCheck:
     """The maintenance-lock check: the live maintenance lease in the leases modal.Dict, described, or None."""
-    from shared.lease import maintenance_reason
+    from shared.state.lease import maintenance_reason
 
     return lambda: maintenance_reason(settings)
 
@@ -309,22 +308,3 @@ def function_options(settings: Settings, *, volume: Any = None, secret: Any = No
         "startup_timeout": settings.startup_timeout + STARTUP_MARGIN,
         "env": settings.container_env(),
     }
-
-
-class _ShortNames(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        record.short = record.name.removeprefix("tabby_modal.")
-        return super().format(record)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Short readable lines on stderr (Modal's log view adds timestamps): `server: persisted ...`."""
-    root = logging.getLogger("tabby_modal")
-    if any(getattr(h, "_tabby_modal", False) for h in root.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_ShortNames("%(short)s: %(message)s"))
-    handler._tabby_modal = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False

@@ -102,7 +102,7 @@ def create_secret(settings: Settings) -> str:
         {
             # Without a fixed secret Tabby mints a new one per start and logs everyone out.
             "TABBY_WEBSERVER_JWT_TOKEN_SECRET": str(uuid.uuid4()),
-            # Unlocks the owner claim on a fresh instance (shared/guard.py).
+            # Unlocks the owner claim on a fresh instance (shared/serving/guard.py).
             "TABBY_MODAL_SETUP_TOKEN": str(uuid.uuid4()),
         },
         environment_name=env,

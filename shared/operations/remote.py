@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared import archive, lease
-from shared.atomic import StateError
-from shared.maintenance import TRANSFER_DIR
+from shared.operations.maintenance import TRANSFER_DIR
+from shared.state import archive, lease
+from shared.state.atomic import StateError
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from shared.proxy import ASGIApp, Message, Scope
+from shared.serving.proxy import ASGIApp, Message, Scope
 
 log = logging.getLogger("tabby_modal.asgi_host")
 

@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
-from shared.atomic import StateError, ensure_dir, fsync_dir, hash_file, tmp_path
+from shared.state.atomic import StateError, ensure_dir, fsync_dir, hash_file, tmp_path
 
 # Tabby's databases under TABBY_ROOT (dev builds use dev-db.sqlite).
 DB_PATHS = ("ee/db.sqlite", "ee/dev-db.sqlite")

@@ -5,7 +5,7 @@ Layout, behind a small storage interface (`Backend`; `DirectoryBackend` for a lo
     packs/ab/<id>              small blobs (< PACK_BLOB_MAX) appended one after another, then an index of them
     blobs/ab/<sha256>          large blobs and databases, one file each
     snapshots/<id>.json        one manifest per snapshot, written atomically after all of its blobs
-    lock.json                  the store lock (shared.locks), outside the Backend
+    lock.json                  the store lock (shared.state.locks), outside the Backend
 
 Every blob is content-addressed by its sha256, wherever it lives, and stored once across snapshots. A pack ends with
 its own index (sha256, offset, length of each blob: see `pack_trailer`), protected by a checksum, so one rename
@@ -25,7 +25,7 @@ more of the pack is garbage (rewriting live data on every prune would cost more 
 
 Stores written before packs existed (every blob under `blobs/`) are read as they are.
 
-For export/import (shared/archive.py) the store offers a streaming read, `iter_files()`, and two ways in:
+For export/import (shared/state/archive.py) the store offers a streaming read, `iter_files()`, and two ways in:
 `add_tree()` (a directory such as an extracted plain Tabby root) and `import_entries()` (a stream of entries).
 """
 
@@ -53,8 +53,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol
 
-from shared import database, mirror
-from shared.atomic import (
+from shared.state import database, mirror
+from shared.state.atomic import (
     SHA256_RE,
     HashMismatch,
     StateError,
@@ -77,9 +77,9 @@ from shared.atomic import (
     write_stream,
     write_temp,
 )
-from shared.locks import StoreLock
-from shared.mirror import Entry
-from shared.progress import Progress, silent
+from shared.state.locks import StoreLock
+from shared.state.mirror import Entry
+from shared.state.progress import Progress, silent
 
 FORMAT = 1
 ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{4})(?:-([A-Za-z0-9._-]{1,40}))?$")
