@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.state import database, mirror
-from shared.state.atomic import StateError
+from shared.state.atomic import StateError, hash_file, is_tmp
 from tests.tabby_root import counter_values, make_root, read_meta, tantivy_commit, tree_state
 
 SEED = 7
@@ -44,7 +44,7 @@ def data_is_consistent(data: Path) -> None:
         if e.link is not None:
             assert os.readlink(data / p) == e.link
         else:
-            assert mirror.hash_file(data / p) == (e.size, e.sha256), p
+            assert hash_file(data / p) == (e.size, e.sha256), p
     assert database.check_file(data / "ee/db.sqlite") == "ok"
     for p in m.files:
         if mirror.is_index_meta(p):
@@ -241,7 +241,7 @@ def _corrupt_db_but_keep_manifest_honest(data: Path) -> None:
     doc = json.loads((data / mirror.MANIFEST).read_bytes())
     for f in doc["files"]:
         if f["path"] == "ee/db.sqlite":
-            f["sha256"] = mirror.hash_file(db)[1]
+            f["sha256"] = hash_file(db)[1]
             f["size"] = db.stat().st_size
             f["mtime_ns"] = db.stat().st_mtime_ns
     (data / mirror.MANIFEST).write_bytes(json.dumps(doc).encode())
@@ -273,7 +273,7 @@ def test_hydrate_refuses_damaged_state_and_touches_nothing(live, tmp_path, damag
     assert "live root untouched" in str(err.value) and "\n" not in str(err.value)
     assert tree_state(back) == before_live
     assert tree_state(data) == before_data
-    assert [p.name for p in tmp_path.iterdir() if mirror.is_tmp(p.name)] == []
+    assert [p.name for p in tmp_path.iterdir() if is_tmp(p.name)] == []
 
 
 BAD_FILES = {

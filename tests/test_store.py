@@ -17,20 +17,13 @@ from pathlib import Path
 import pytest
 
 from shared.state import database, inspection, mirror
-from shared.state.atomic import HashMismatch, StateError
+from shared.state.atomic import HashMismatch, StateError, hash_file
 from shared.state.locks import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
 from shared.state.mirror import Entry
 from shared.state.progress import Progress
-from shared.state.store import (
-    ID_RE,
-    PACK_FOOTER,
-    DirectoryBackend,
-    Snapshot,
-    Store,
-    UnknownSnapshot,
-    blob_name,
-    snapshot_name,
-)
+from shared.state.store import DirectoryBackend, Snapshot, Store, UnknownSnapshot, blob_name, snapshot_name
+from shared.state.store.core import ID_RE
+from shared.state.store.packs import PACK_FOOTER
 from tests.conftest import REPO
 from tests.tabby_root import counter_values, make_root, tree_state
 
@@ -86,7 +79,7 @@ def test_snapshot_then_repeat_writes_no_blob(env):
     assert [s["id"] for s in env.store.list()] == [first["id"], again["id"]]
     # Blobs are named by their content and never writable.
     for b in before[:10]:
-        assert mirror.hash_file(b)[1] == b.name and b.stat().st_mode & 0o222 == 0
+        assert hash_file(b)[1] == b.name and b.stat().st_mode & 0o222 == 0
 
 
 def test_snapshot_of_a_plain_root_takes_the_database_through_the_backup_api(env, tmp_path):
@@ -475,15 +468,15 @@ def test_a_corrupt_pack_index_names_each_snapshot_and_path_and_blocks_restore(en
 CHILD_KILLED_MID_PACK = """
 import os, sys, time
 from pathlib import Path
-from shared.state import store as st
 from shared.state.store import Store
-first = st._PackWriter.add
+from shared.state.store.packs import PackWriter
+first = PackWriter.add
 def add(self, sha, data):
     first(self, sha, data)
     self.f.flush()
     print("mid-pack", self.tmp, flush=True)
     time.sleep(3600)  # until the parent kills us
-st._PackWriter.add = add
+PackWriter.add = add
 Store.open(Path(sys.argv[1])).snapshot(Path(sys.argv[2]), "killed")
 """
 

@@ -14,7 +14,6 @@ served as a 503 carrying the reason, so a broken start does not turn into a cras
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -211,12 +210,9 @@ class TabbyServer:
             return None  # never mirror a root we did not hydrate: it would replace the data with nothing
         from shared.state import mirror
 
-        kwargs: dict[str, Any] = {"commit": self.commit}
-        if self._epoch is not None and "epoch" in inspect.signature(mirror.persist).parameters:
-            kwargs["epoch"] = self._epoch
         with self._persist_lock:
             try:
-                result = mirror.persist(self.live_root, self.data_dir, **kwargs)
+                result = mirror.persist(self.live_root, self.data_dir, commit=self.commit, epoch=self._epoch)
             except Exception as err:
                 log.error("persist failed: %s", err)
                 return None

@@ -1,0 +1,70 @@
+"""The data dir (the `/data` Volume) as a mirror of a live TABBY_ROOT: `persist()` copies Tabby's state to it while
+Tabby writes, `hydrate()` lays it back down at start; the persist manifest says what the data dir holds.
+
+Tabby runs on local disk. Persist copies the database through SQLite's backup API, other files only when changed,
+each Tantivy `meta.json` after the segments it names, deletions after additions, and the manifest last; a pending
+marker (`.tabby-modal/pending.json`) tells readers a pass is mid-way. Hydrate checks everything in a staging dir
+before the live root is touched.
+
+The modules: `scan` (walking a root, what is mirrored), `manifest` (entries, the persist manifest, the pending
+marker), `tantivy` (what a meta.json names), `persist`, `hydrate`. This face is what the rest of `shared` uses.
+"""
+
+from __future__ import annotations
+
+from shared.state.mirror.hydrate import hydrate
+from shared.state.mirror.manifest import (
+    MANIFEST,
+    PENDING,
+    Entry,
+    PersistManifest,
+    dump_json,
+    iso,
+    load_json,
+    load_manifest,
+    parse_entries,
+    pending_alive,
+    pending_info,
+    rebuild_manifest,
+    write_pending,
+)
+from shared.state.mirror.persist import persist
+from shared.state.mirror.scan import (
+    META_DIR,
+    WORKERS,
+    clear_way,
+    escaping_links,
+    excluded,
+    prune_empty_dirs,
+    remove,
+    scan,
+)
+from shared.state.mirror.tantivy import is_index_meta, meta_missing
+
+__all__ = [
+    "MANIFEST",
+    "META_DIR",
+    "PENDING",
+    "WORKERS",
+    "Entry",
+    "PersistManifest",
+    "clear_way",
+    "dump_json",
+    "escaping_links",
+    "excluded",
+    "hydrate",
+    "is_index_meta",
+    "iso",
+    "load_json",
+    "load_manifest",
+    "meta_missing",
+    "parse_entries",
+    "pending_alive",
+    "pending_info",
+    "persist",
+    "prune_empty_dirs",
+    "rebuild_manifest",
+    "remove",
+    "scan",
+    "write_pending",
+]

@@ -1,0 +1,171 @@
+"""Hydrate: lay the data dir's last persisted state down at the live root, checked in a staging dir before the
+live root is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import secrets
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from shared.state import database
+from shared.state.atomic import (
+    TMP_MARK,
+    HashMismatch,
+    StateError,
+    check_tree,
+    current_umask,
+    ensure_dir,
+    inside,
+    read_small,
+    write_new_bytes,
+    write_private,
+)
+from shared.state.mirror.manifest import (
+    Entry,
+    load_manifest,
+    pending_info,
+)
+from shared.state.mirror.scan import (
+    WORKERS,
+    clear_way,
+    prune_empty_dirs,
+    remove,
+    scan,
+)
+from shared.state.progress import Progress, silent
+
+SMALL_FILE = 1 << 20  # hydrate reads a file below this size whole, then writes it in one go
+
+
+def _staging_for(live_root: Path) -> Path:
+    # Beside the live root (same filesystem, so the final move is a rename), unless the root is a mount point.
+    base = live_root if os.path.ismount(live_root) else live_root.parent
+    return base / f".{live_root.name}{TMP_MARK}hydrate-{secrets.token_hex(4)}"
+
+
+def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None) -> dict[str, Any]:
+    """Lay the last persisted state down at `live_root`, checked against the persist manifest.
+
+    Everything is copied into a staging dir and checked (hashes, links, the database's quick_check) before
+    `live_root` is touched; any failure raises StateError and leaves `live_root` as it was. An empty data dir is a
+    fresh instance (`fresh: True`). With a pending marker (an interrupted persist) the data dir is taken as it
+    stands: every file in it is whole, and the database is checked. Files in `live_root` that the state does not
+    have are removed, and so are stale SQLite sidecars; `models/` and lock files are left alone.
+    """
+    data_dir, live_root = Path(data_dir), Path(live_root)
+    started = time.monotonic()
+    manifest = load_manifest(data_dir) if data_dir.is_dir() else None
+    pending = pending_info(data_dir) if data_dir.is_dir() else None
+    if manifest is not None and pending is None:
+        entries = manifest.files
+        checked = "manifest"
+    else:
+        nodes = scan(data_dir) if data_dir.is_dir() else {}
+        known = manifest.files if manifest else {}
+        entries = {}
+        for p, n in nodes.items():
+            k = known.get(p)
+            sha = k.sha256 if k and k.link is None and (k.size, k.mtime_ns) == (n.size, n.mtime_ns) else None
+            entries[p] = Entry(p, n.size, n.mtime_ns, n.mode, sha, link=n.link)
+        try:
+            check_tree(entries, {p: e.link for p, e in entries.items() if e.link is not None})
+        except StateError as err:
+            raise StateError(f"hydrate refused: data dir: {err}") from None
+        checked = "tree"
+    epoch = manifest.epoch if manifest else None
+    if not entries:
+        live_root.mkdir(parents=True, exist_ok=True)
+        return {"fresh": True, "files": 0, "bytes": 0, "checked": checked, "epoch": epoch, "databases": {}}
+
+    prog = progress or silent()
+    prog.set_totals(len(entries), sum(e.size for e in entries.values()))
+    staging = _staging_for(live_root)
+    staging.mkdir(parents=True)
+    umask = current_umask()
+    try:
+
+        def lay(e: Entry) -> None:
+            dst = staging / e.path
+            if e.link is not None:
+                ensure_dir(dst.parent, durable=False)
+                os.symlink(e.link, dst)
+                return
+            src = data_dir / e.path
+            try:
+                if checked == "tree" and e.path in database.DB_PATHS:
+                    # A plain root may hold a WAL database: copy it the consistent way.
+                    database.backup(src, dst, private_copy=True, check="none", durable=False)
+                elif e.size < SMALL_FILE and (data := read_small(src, e.size)) is not None:
+                    # One read, the hash from memory, one write: most of a Tabby root is small index files.
+                    if e.sha256 is not None and hashlib.sha256(data).hexdigest() != e.sha256:
+                        raise HashMismatch(e.path)
+                    write_new_bytes(dst, data, mode=e.mode, mtime_ns=e.mtime_ns, umask=umask)
+                else:
+                    with open(src, "rb", buffering=0) as f:
+                        write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
+            except HashMismatch:
+                raise StateError(
+                    f"hydrate refused: {e.path} does not match the persist manifest; live root untouched"
+                ) from None
+            except FileNotFoundError:
+                raise StateError(
+                    f"hydrate refused: {e.path} is in the persist manifest but missing; live root untouched"
+                ) from None
+            prog.add(1, e.size)
+
+        for d in sorted({posixpath.dirname(p) for p in entries} - {""}):
+            (staging / d).mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(WORKERS) as pool:
+            list(pool.map(lay, entries.values()))
+        for p, e in entries.items():
+            if e.link is not None and not inside(staging, staging / p):
+                raise StateError(f"hydrate refused: link {p} leaves the root; live root untouched")
+        checks = {}
+        for p in database.DB_PATHS:
+            if p in entries and entries[p].link is None:
+                checks[p] = database.check_file(staging / p, "quick")
+                if checks[p] != "ok":
+                    raise StateError(
+                        f"hydrate refused: {p} fails quick_check ({checks[p]}); live root untouched"
+                    )
+        _swap_in(staging, live_root, entries)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    prog.finish()
+    return {
+        "fresh": False,
+        "files": len(entries),
+        "bytes": sum(e.size for e in entries.values()),
+        "checked": checked,
+        "epoch": epoch,
+        "databases": checks,
+        "seconds": round(time.monotonic() - started, 4),
+    }
+
+
+def _swap_in(staging: Path, live_root: Path, entries: dict[str, Entry]) -> None:
+    if live_root.is_dir() and not os.path.ismount(live_root) and not any(live_root.iterdir()):
+        live_root.rmdir()
+    if not live_root.exists():
+        live_root.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, live_root)
+        return
+    for p in database.DB_PATHS:
+        for side in database.sidecars(live_root / p):
+            side.unlink(missing_ok=True)
+    existing = scan(live_root)
+    for p in entries:
+        clear_way(live_root, p)
+        (live_root / p).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / p, live_root / p)
+    gone = [p for p in existing if p not in entries]
+    for p in gone:
+        remove(live_root, p)
+    prune_empty_dirs(live_root, gone)

@@ -1,0 +1,277 @@
+"""The persist manifest (`.tabby-modal/persist.json`: what the data dir holds) and its entries, the pending marker
+of an unfinished pass, and strict JSON; `rebuild_manifest` describes a data dir anew after a restore or reset.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from shared.state import database
+from shared.state.atomic import (
+    SHA256_RE,
+    StateError,
+    check_tree,
+    fsync_dir,
+    hash_file,
+    read_record,
+    write_bytes,
+)
+from shared.state.locks import process_alive, this_process
+from shared.state.mirror.scan import (
+    META_DIR,
+    scan,
+)
+
+MANIFEST = f"{META_DIR}/persist.json"
+PENDING = f"{META_DIR}/pending.json"
+FORMAT = 1
+
+
+# --- Tree entries and manifests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file or symlink of a Tabby root, as manifests record it."""
+
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int = 0o644
+    sha256: str | None = None
+    link: str | None = None
+    racy: bool = False  # persist only: re-hash on the next pass
+
+    def to_json(self) -> dict[str, Any]:
+        if self.link is not None:
+            return {"path": self.path, "link": self.link, "mode": self.mode}
+        out: dict[str, Any] = {
+            "path": self.path,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "mode": self.mode,
+            "sha256": self.sha256,
+        }
+        if self.racy:
+            out["racy"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, item: object, where: str) -> Entry:
+        if not isinstance(item, dict):
+            raise StateError(f"{where}: entry {item!r} is not an object")
+        path = item.get("path")
+        mode = item.get("mode", 0o644)
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            raise StateError(f"{where}: {path!r}: bad mode {mode!r}")
+        if "link" in item:
+            link = item["link"]
+            if not isinstance(link, str) or not link or "\x00" in link:
+                raise StateError(f"{where}: {path!r}: bad link target {link!r}")
+            return cls(path=path, mode=mode, link=link)  # type: ignore[arg-type]
+        size, mtime_ns, sha = item.get("size"), item.get("mtime_ns", 0), item.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise StateError(f"{where}: {path!r}: bad size {size!r}")
+        if not isinstance(mtime_ns, int) or isinstance(mtime_ns, bool):
+            raise StateError(f"{where}: {path!r}: bad mtime_ns {mtime_ns!r}")
+        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+            raise StateError(f"{where}: {path!r}: bad sha256 {sha!r}")
+        return cls(path, size, mtime_ns, mode, sha, racy=item.get("racy") is True)  # type: ignore[arg-type]
+
+
+def parse_entries(items: object, where: str) -> dict[str, Entry]:
+    """Validate a manifest's `files`: types, safe relative paths, no duplicates, no link leaving the root."""
+    if not isinstance(items, list):
+        raise StateError(f"{where}: 'files' is not a list")
+    entries = [Entry.from_json(i, where) for i in items]
+    try:
+        check_tree([e.path for e in entries], {e.path: e.link for e in entries if e.link is not None})
+    except StateError as err:
+        raise StateError(f"{where}: {err}") from None
+    return {e.path: e for e in entries}
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def load_json(raw: bytes, where: str) -> dict[str, Any]:
+    """Strict JSON object (duplicate keys refused), or StateError naming `where`."""
+    try:
+        doc = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StateError(f"{where}: malformed JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise StateError(f"{where}: malformed JSON (not an object)")
+    return doc
+
+
+def dump_json(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=None, separators=(",", ":"), sort_keys=True) + "\n").encode()
+
+
+@dataclass
+class PersistManifest:
+    """The last complete persist: what the data dir holds, as of `time_unix`."""
+
+    files: dict[str, Entry]
+    databases: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {check, sig, racy}
+    time_unix: float = 0.0
+    seq: int = 0
+    epoch: str = ""
+    origin: str = "persist"
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "kind": "tabby-modal/persist",
+            "time": iso(self.time_unix),
+            "time_unix": self.time_unix,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "origin": self.origin,
+            "bytes": self.bytes,
+            "databases": [{"path": p, **d} for p, d in sorted(self.databases.items())],
+            "files": [e.to_json() for _, e in sorted(self.files.items())],
+        }
+
+
+def iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+# Parsed manifests by path, keyed on (size, mtime, inode): a persist pass with nothing changed reads no file.
+_CACHE: dict[str, tuple[tuple[int, int, int], PersistManifest]] = {}
+
+
+def load_manifest(data_dir: Path) -> PersistManifest | None:
+    """The persist manifest of `data_dir`, validated; None when there is none. StateError when malformed."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[0] == key:
+        m = hit[1]
+        return replace(m, files=dict(m.files), databases=dict(m.databases))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    m = _parse_manifest(raw)
+    _CACHE[str(path)] = (key, m)
+    return replace(m, files=dict(m.files), databases=dict(m.databases))
+
+
+def _parse_manifest(raw: bytes) -> PersistManifest:
+    where = f"persist manifest {MANIFEST}"
+    doc = load_json(raw, where)
+    if doc.get("format") != FORMAT or doc.get("kind") != "tabby-modal/persist":
+        raise StateError(f"{where}: unknown format {doc.get('format')!r}/{doc.get('kind')!r}")
+    files = parse_entries(doc.get("files"), where)
+    dbs: dict[str, dict[str, Any]] = {}
+    for d in doc.get("databases") or []:
+        if not isinstance(d, dict) or d.get("path") not in files:
+            raise StateError(f"{where}: database entry {d!r} names no listed file")
+        dbs[d["path"]] = {k: v for k, v in d.items() if k != "path"}
+    t = doc.get("time_unix")
+    return PersistManifest(
+        files=files,
+        databases=dbs,
+        time_unix=float(t) if isinstance(t, int | float) else 0.0,
+        seq=int(doc.get("seq") or 0),
+        epoch=str(doc.get("epoch") or ""),
+        origin=str(doc.get("origin") or "persist"),
+    )
+
+
+def write_manifest(data_dir: Path, manifest: PersistManifest) -> None:
+    path = Path(data_dir) / MANIFEST
+    write_bytes(path, dump_json(manifest.to_json()))
+    st = path.stat()
+    kept = replace(manifest, files=dict(manifest.files), databases=dict(manifest.databases))
+    _CACHE[str(path)] = ((st.st_size, st.st_mtime_ns, st.st_ino), kept)
+
+
+def pending_info(data_dir: Path) -> dict[str, Any] | None:
+    """The pending marker of an unfinished (running or crashed) persist, restore or reset; None if none."""
+    return read_record(Path(data_dir) / PENDING)
+
+
+def pending_alive(info: dict[str, Any] | None) -> bool:
+    """Is the run that wrote this pending marker still running on this host?"""
+    return bool(info) and process_alive(info) is True  # type: ignore[arg-type]
+
+
+def write_pending(data_dir: Path, op: str) -> None:
+    write_bytes(Path(data_dir) / PENDING, json.dumps({**this_process(), "op": op}).encode())
+
+
+def clear_pending(data_dir: Path) -> None:
+    path = Path(data_dir) / PENDING
+    if path.exists():
+        path.unlink()
+        fsync_dir(path.parent)
+
+
+def rebuild_manifest(
+    data_dir: Path,
+    *,
+    origin: str,
+    known: dict[str, Entry] | None = None,
+    checks: dict[str, str] | None = None,
+) -> PersistManifest:
+    """Write a fresh persist manifest describing `data_dir` as it is now (after a restore or reset).
+
+    Hashes are taken from `known` or the old manifest where a file's (size, mtime) still match, else computed.
+    A new epoch tells a running persister that its live root no longer matches. Clears the pending marker.
+    """
+    data_dir = Path(data_dir)
+    try:
+        prev = load_manifest(data_dir)
+    except StateError:
+        prev = None
+    pool = {**(prev.files if prev else {}), **(known or {})}
+    files: dict[str, Entry] = {}
+    for p, n in scan(data_dir).items():
+        if n.link is not None:
+            files[p] = Entry(p, mode=0o777, link=n.link)
+            continue
+        k = pool.get(p)
+        if k is not None and k.link is None and (k.size, k.mtime_ns) == (n.size, n.mtime_ns):
+            files[p] = replace(k, mode=n.mode, racy=False)
+        else:
+            size, sha = hash_file(data_dir / p)
+            files[p] = Entry(p, size, n.mtime_ns, n.mode, sha)
+    dbs = {
+        p: {"check": (checks or {}).get(p, "unchecked"), "sig": None, "racy": False}
+        for p in database.DB_PATHS
+        if p in files
+    }
+    manifest = PersistManifest(
+        files=files,
+        databases=dbs,
+        time_unix=time.time(),
+        seq=(prev.seq + 1) if prev else 1,
+        epoch=secrets.token_hex(8),
+        origin=origin,
+    )
+    write_manifest(data_dir, manifest)
+    clear_pending(data_dir)
+    return manifest

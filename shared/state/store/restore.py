@@ -1,0 +1,199 @@
+"""Restore a snapshot into a data dir, or reset part of one, each after a safety snapshot and refused while a
+server may be persisting into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from shared.state import database, mirror
+from shared.state.atomic import (
+    StateError,
+    ensure_dir,
+    fsync_dir,
+    inside,
+    make_link,
+    sync_fs,
+    write_private,
+)
+from shared.state.mirror import Entry
+from shared.state.store.core import Snapshot, StoreCore
+from shared.state.store.snapshotting import take
+from shared.state.store.verify import verify
+
+SCOPES = {"all": ("",), "auth": ("ee/",), "index": ("index/", "repositories/")}
+TMP_STAGING = "-staging-"
+BUSY_WINDOW = 120.0  # a persist this recent means a server may be running: restore/reset want --force
+
+
+def _guard(store: StoreCore, data_dir: Path, action: str, force: bool) -> None:
+    """Refuse to change a data dir that a server may be persisting into, unless forced."""
+    if force or not data_dir.is_dir():
+        return
+    pending = mirror.pending_info(data_dir)
+    if pending and mirror.pending_alive(pending):
+        raise StateError(
+            f"refused: a {pending.get('op')} is running in {data_dir} (pid {pending.get('pid')})"
+        )
+    try:
+        manifest = mirror.load_manifest(data_dir)
+    except StateError:
+        return
+    if manifest is not None and manifest.origin == "persist":
+        age = time.time() - manifest.time_unix
+        if 0 <= age < BUSY_WINDOW:
+            raise StateError(
+                f"refused: {data_dir} was persisted {age:.0f}s ago, a server may be running; "
+                f"stop it first, or pass --force to {action} anyway"
+            )
+
+
+def _safety(store: StoreCore, data_dir: Path, label: str, force: bool) -> str | None:
+    if not data_dir.is_dir() or not mirror.scan(data_dir):
+        return None
+    try:
+        return take(store, data_dir, label)["id"]
+    except StateError as err:
+        if force:
+            return None
+        raise StateError(
+            f"refused: the safety snapshot failed ({err}); pass --force to go on without"
+        ) from None
+
+
+def restore(
+    store: StoreCore, snapshot_id: str, data_dir: Path, *, force: bool = False, guard: bool = True
+) -> dict[str, Any]:
+    """Replace the data dir's content with a snapshot.
+
+    The snapshot is verified first (any problem refuses the restore with nothing written), then a safety
+    snapshot of the current data dir is taken, the files are laid out in a staging dir and checked, moved into
+    place, files not in the snapshot removed (with stale SQLite `-wal`/`-shm`), and a fresh persist manifest
+    written. `force` skips the running-server guard and a failing safety snapshot.
+    """
+    started = time.monotonic()
+    data_dir = Path(data_dir)
+    sid = store.resolve(snapshot_id)
+    snap = store.load(sid)
+    if guard:  # off when the caller knows better (the maintenance app asks Modal whether a server runs)
+        _guard(store, data_dir, "restore", force)
+    with store.lock("restore"):
+        report = verify(store, sid)
+        if not report["ok"]:
+            first = report["problems"][0]
+            more = len(report["problems"]) - 1
+            raise StateError(
+                f"refused: snapshot {sid} fails verification: {first['path']}: {first['problem']}"
+                + (f" (+{more} more)" if more else "")
+            )
+        safety = _safety(store, data_dir, "pre-restore", force)
+        _lay_down(store, snap, data_dir)
+    return {
+        "restored": sid,
+        "files": len(snap.files),
+        "bytes": snap.bytes,
+        "safety_snapshot": safety,
+        "seconds": round(time.monotonic() - started, 4),
+    }
+
+
+def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
+    ensure_dir(data_dir)
+    meta = data_dir / mirror.META_DIR
+    for old in meta.glob(f"restore{TMP_STAGING}*") if meta.is_dir() else []:
+        shutil.rmtree(old, ignore_errors=True)
+    staging = meta / f"restore{TMP_STAGING}{secrets.token_hex(4)}"
+    prog = store.progress("restore")
+    prog.set_totals(len(snap.files), snap.bytes)
+    cat = store.catalog()
+    try:
+        ensure_dir(staging)
+
+        def lay(e: Entry) -> None:
+            dst = staging / e.path
+            if e.link is not None:
+                make_link(dst, e.link, durable=False)
+                return
+            with store.read_blob(cat, e.sha256) as f:
+                write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
+            prog.add(1, e.size)
+
+        for d in sorted({os.path.dirname(p) for p in snap.files} - {""}):
+            (staging / d).mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(mirror.WORKERS) as pool:
+            list(pool.map(lay, snap.files.values()))
+        sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
+        for p, e in snap.files.items():
+            if e.link is not None and not inside(staging, staging / p):
+                raise StateError(f"refused: link {p} leaves the root")
+        checks = {p: database.check_file(staging / p, "quick") for p in snap.databases}
+        for p, c in checks.items():
+            if c != "ok":
+                raise StateError(f"refused: {p} fails quick_check after staging ({c})")
+        # From here the data dir changes: the pending marker tells readers it is mid-way.
+        mirror.write_pending(data_dir, "restore")
+        existing = mirror.scan(data_dir)
+        for p in database.DB_PATHS:
+            for side in database.sidecars(data_dir / p):
+                side.unlink(missing_ok=True)
+        touched = set()
+        for p in sorted(snap.files):
+            mirror.clear_way(data_dir, p)
+            ensure_dir((data_dir / p).parent)
+            os.replace(staging / p, data_dir / p)
+            touched.add((data_dir / p).parent)
+        gone = [p for p in existing if p not in snap.files]
+        for p in gone:
+            mirror.remove(data_dir, p)
+        mirror.prune_empty_dirs(data_dir, gone)
+        for d in touched:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(d)
+        mirror.rebuild_manifest(data_dir, origin="restore", known=snap.files, checks=checks)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    prog.finish()
+
+
+def reset(
+    store: StoreCore, data_dir: Path, scope: str, *, force: bool = False, guard: bool = True
+) -> dict[str, Any]:
+    """Delete part of a data dir after a safety snapshot: `all`, `auth` (`ee/`: users, tokens, settings) or
+    `index` (`index/`, `repositories/`). A fresh persist manifest describes what is left."""
+    if scope not in SCOPES:
+        raise StateError(f"unknown scope {scope!r} (all, auth or index)")
+    started = time.monotonic()
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise StateError(f"data dir {data_dir} does not exist")
+    if guard:
+        _guard(store, data_dir, "reset", force)
+    with store.lock("reset"):
+        safety = _safety(store, data_dir, f"pre-reset-{scope}", force)
+        prefixes = SCOPES[scope]
+        doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
+        freed = 0
+        mirror.write_pending(data_dir, "reset")
+        if scope in ("all", "auth"):
+            for p in database.DB_PATHS:
+                for side in database.sidecars(data_dir / p):
+                    side.unlink(missing_ok=True)
+        for p in doomed:
+            freed += mirror.remove(data_dir, p)
+        mirror.prune_empty_dirs(data_dir, doomed)
+        left = mirror.rebuild_manifest(data_dir, origin="reset")
+    return {
+        "scope": scope,
+        "removed_files": len(doomed),
+        "removed_bytes": freed,
+        "files_left": len(left.files),
+        "safety_snapshot": safety,
+        "seconds": round(time.monotonic() - started, 4),
+    }

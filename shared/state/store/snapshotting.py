@@ -1,0 +1,322 @@
+"""Taking snapshots: of a data dir (from its persist manifest, or the tree as it stands), of any Tabby-like
+directory (`add_tree`), or of a stream of entries (`import_entries`, e.g. a tar archive). Blobs first, the
+manifest that names them last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
+
+from shared.state import database, mirror
+from shared.state.atomic import (
+    HashMismatch,
+    StateError,
+    check_relpath,
+    check_tree,
+    hash_file,
+    read_small,
+    read_upto,
+)
+from shared.state.mirror import Entry
+from shared.state.store.backend import blob_name, snapshot_name
+from shared.state.store.core import FORMAT, StoreCore, new_id
+from shared.state.store.packs import PACK_BLOB_MAX
+from shared.state.store.verify import drill
+
+PENDING_WAIT = 30.0  # how long a snapshot waits for a persist running on this host to finish
+BATCH_BYTES = 2 << 30  # data written between two durability barriers
+
+
+def _chunks(items: list[Any], size_of: Callable[[Any], int] = lambda e: e.size) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    total = 0
+    for item in items:
+        chunk.append(item)
+        total += size_of(item)
+        if total >= BATCH_BYTES:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Changed(Exception):
+    """A data-dir file no longer matches its persist manifest (a persist is running): start over."""
+
+
+def _loose(path: str, size: int) -> bool:
+    """Stored as a file of its own: large blobs, and databases (drills and `inspect` read them directly)."""
+    return size >= PACK_BLOB_MAX or path in database.DB_PATHS
+
+
+def snapshot(store: StoreCore, data_dir: Path, label: str = "manual") -> dict[str, Any]:
+    """Snapshot a data dir: one consistent persist (from its persist manifest), or, with no manifest (a plain
+    Tabby root), the tree as it is with the database through the backup API.
+
+    Returns {id, label, time, files, bytes, new_blobs, new_bytes, consistency, seconds}. `consistency` is
+    `persist`, `direct` (no manifest) or `crash` (an interrupted persist left the data dir mid-way).
+    """
+    with store.lock("snapshot"):
+        return take(store, Path(data_dir), label)
+
+
+def add_tree(store: StoreCore, root: Path, label: str = "import") -> dict[str, Any]:
+    """Snapshot any Tabby-like directory as it stands (e.g. an extracted archive of ~/.tabby); same result."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StateError(f"{root} is not a directory")
+    with store.lock("import"):
+        return _take_tree(store, root, label, "direct")
+
+
+def import_entries(
+    store: StoreCore,
+    entries: Iterable[tuple[Entry, IO[bytes] | None]],
+    *,
+    label: str = "import",
+    time_unix: float | None = None,
+) -> dict[str, Any]:
+    """Create a snapshot from a stream of (entry, reader) pairs, e.g. the members of a tar archive.
+
+    Each entry needs `path`, `mode`, `mtime_ns` and `size` (checked against the bytes read) or `link`;
+    `sha256`, if set, is checked too. Paths are validated as they arrive and the whole tree at the end (no
+    absolute paths, `..`, duplicates, links leaving the root); SQLite sidecars are refused, lock files and
+    `models/` skipped. The database gets a restore drill. On any refusal the blobs this call created are removed
+    again: the store is left as it was. Returns the same dict as `snapshot()`.
+    """
+    started = time.monotonic()
+    with store.lock("import"):
+        files: dict[str, Entry] = {}
+        skipped = new_blobs = new_bytes = 0
+        cat = store.catalog()
+        published: list[str] = []
+        try:
+            with store.backend.batch() as published:
+                for entry, reader in entries:
+                    path = check_relpath(entry.path)
+                    if path in files:
+                        raise StateError(f"bad path {path!r}: listed twice")
+                    if mirror.excluded(path):
+                        if path.endswith(database.SIDECAR_SUFFIXES):
+                            raise StateError(
+                                f"{path}: a SQLite sidecar; import a plain root with add_tree instead"
+                            )
+                        skipped += 1
+                        continue
+                    if entry.link is not None:
+                        files[path] = Entry(path, mode=0o777, link=entry.link)
+                        continue
+                    if reader is None:
+                        raise StateError(f"{path}: no content")
+                    if _loose(path, entry.size):
+                        sha, size, new = store.backend.write_content(reader, blob_name)
+                    else:
+                        data = read_upto(reader, entry.size + 1)
+                        sha, size = hashlib.sha256(data).hexdigest(), len(data)
+                        new = size == entry.size and not cat.has(sha) and store.backend.write_small(sha, data)
+                    new_blobs += new
+                    new_bytes += size if new else 0
+                    if size != entry.size or (entry.sha256 and entry.sha256 != sha):
+                        raise StateError(f"{path}: content does not match its size or sha256")
+                    files[path] = Entry(path, size, entry.mtime_ns, entry.mode & 0o7777, sha)
+                check_tree(files, {p: e.link for p, e in files.items() if e.link is not None})
+            checks = {}
+            for p in database.DB_PATHS:
+                if p in files and files[p].link is None:
+                    checks[p] = drill(store, files[p])
+                    if checks[p] != "ok":
+                        raise StateError(f"{p}: restore drill fails: {checks[p]}")
+        except BaseException as err:
+            for name in published:  # packs and blobs of this call only: nothing else names them
+                store.backend.delete(name)
+            if isinstance(err, StateError):
+                raise StateError(f"import refused: {err}") from None
+            raise
+        out = _publish(store, files, checks, label, "import", {}, new_blobs, new_bytes, started, time_unix)
+        return {**out, "skipped": skipped}
+
+
+def take(store: StoreCore, data_dir: Path, label: str) -> dict[str, Any]:
+    if not data_dir.is_dir():
+        raise StateError(f"data dir {data_dir} does not exist")
+    deadline = time.monotonic() + PENDING_WAIT
+    for _ in range(3):
+        manifest = mirror.load_manifest(data_dir)
+        pending = mirror.pending_info(data_dir)
+        while pending is not None and mirror.pending_alive(pending) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a persist on this host finishes within moments
+            pending = mirror.pending_info(data_dir)
+            manifest = mirror.load_manifest(data_dir)
+        if manifest is None and pending is None:
+            return _take_tree(store, data_dir, label, "direct")
+        if pending is not None or manifest is None:
+            return _take_tree(store, data_dir, label, "crash")
+        try:
+            return _take_manifest(store, data_dir, manifest, label)
+        except _Changed:
+            continue
+    return _take_tree(store, data_dir, label, "crash")
+
+
+def _take_manifest(
+    store: StoreCore, data_dir: Path, manifest: mirror.PersistManifest, label: str
+) -> dict[str, Any]:
+    started = time.monotonic()
+    files = {p: replace(e, racy=False) for p, e in manifest.files.items()}
+    cat = store.catalog()
+    todo = [
+        e for e in files.values() if e.link is None and not cat.has(e.sha256, loose=_loose(e.path, e.size))
+    ]
+    todo = list({(e.sha256, _loose(e.path, e.size)): e for e in todo}.values())
+    prog = store.progress("snapshot")
+    prog.set_totals(len(todo), sum(e.size for e in todo))
+
+    def put(e: Entry) -> int:
+        try:
+            if _loose(e.path, e.size):
+                with open(data_dir / e.path, "rb", buffering=0) as f:
+                    store.backend.write_once(blob_name(e.sha256 or ""), f, sha256=e.sha256)
+            else:
+                data = read_small(data_dir / e.path, e.size)
+                if data is None or hashlib.sha256(data).hexdigest() != e.sha256:
+                    raise _Changed()
+                store.backend.write_small(e.sha256 or "", data)
+        except (HashMismatch, FileNotFoundError):
+            raise _Changed() from None
+        prog.add(1, e.size)
+        return e.size
+
+    written: list[int] = []
+    for chunk in _chunks(todo):
+        with store.backend.batch(), ThreadPoolExecutor(mirror.WORKERS) as pool:
+            written += pool.map(put, chunk)
+    prog.finish()
+    source = {
+        "persist_time": mirror.iso(manifest.time_unix),
+        "persist_seq": manifest.seq,
+        "epoch": manifest.epoch,
+    }
+    checks = {p: str(d.get("check")) for p, d in manifest.databases.items()}
+    return _publish(store, files, checks, label, "persist", source, len(written), sum(written), started)
+
+
+def _take_tree(store: StoreCore, root: Path, label: str, consistency: str) -> dict[str, Any]:
+    """The tree as it stands: every file hashed, databases copied through the backup API and fully checked."""
+    started = time.monotonic()
+    nodes = mirror.scan(root)
+    skipped = mirror.escaping_links(nodes)
+    dbs = [p for p in database.DB_PATHS if p in nodes and nodes[p].link is None]
+    plain = [p for p, n in nodes.items() if n.link is None and p not in dbs and p not in skipped]
+    prog = store.progress("snapshot")
+    prog.set_totals(len(plain) + len(dbs), sum(nodes[p].size for p in [*plain, *dbs]))
+    files: dict[str, Entry] = {
+        p: Entry(p, mode=0o777, link=n.link) for p, n in nodes.items() if n.link and p not in skipped
+    }
+    checks: dict[str, str] = {}
+    new_blobs = new_bytes = 0
+    with tempfile.TemporaryDirectory(prefix="tabby-modal-snap-") as work, store.backend.batch():
+        for p in dbs:
+            copy = Path(work) / p.replace("/", "_")
+            res = database.backup(root / p, copy, private_copy=True, check="full", durable=False)
+            with open(copy, "rb") as f:
+                sha, size, created = store.backend.write_content(f, blob_name)
+            new_blobs += created
+            new_bytes += size if created else 0
+            files[p] = Entry(p, size, nodes[p].mtime_ns, nodes[p].mode, sha)
+            checks[p] = res["check"]
+            prog.add(1, size)
+
+    cat = store.catalog()
+
+    def put(p: str) -> tuple[str, Entry | None, bool, int]:
+        if not _loose(p, nodes[p].size):
+            try:
+                data = read_small(root / p, PACK_BLOB_MAX - 1)
+            except FileNotFoundError:
+                return p, None, False, 0
+            if data is not None:  # else it grew past the limit: a loose blob, below
+                sha = hashlib.sha256(data).hexdigest()
+                created = not cat.has(sha) and store.backend.write_small(sha, data)
+                prog.add(1, len(data))
+                return p, Entry(p, len(data), nodes[p].mtime_ns, nodes[p].mode, sha), created, len(data)
+        for _ in range(3):
+            try:
+                size, sha = hash_file(root / p)
+                name = blob_name(sha)
+                created = False
+                if sha not in cat.loose:
+                    with open(root / p, "rb", buffering=0) as f:
+                        created = store.backend.write_once(name, f, sha256=sha)
+            except FileNotFoundError:
+                return p, None, False, 0
+            except HashMismatch:
+                continue  # changed between hash and copy: once more
+            prog.add(1, size)
+            return p, Entry(p, size, nodes[p].mtime_ns, nodes[p].mode, sha), created, size
+        raise StateError(f"{p} keeps changing while it is read; stop the writer and retry")
+
+    for chunk in _chunks(plain, size_of=lambda p: nodes[p].size):
+        with store.backend.batch(), ThreadPoolExecutor(mirror.WORKERS) as pool:
+            for p, entry, created, size in pool.map(put, chunk):
+                if entry is not None:
+                    files[p] = entry
+                    new_blobs += created
+                    new_bytes += size if created else 0
+    prog.finish()
+    out = _publish(store, files, checks, label, consistency, {}, new_blobs, new_bytes, started)
+    if skipped:
+        out["skipped_links"] = sorted(skipped)
+    return out
+
+
+def _publish(
+    store: StoreCore,
+    files: dict[str, Entry],
+    checks: dict[str, str],
+    label: str,
+    consistency: str,
+    source: dict[str, Any],
+    new_blobs: int,
+    new_bytes: int,
+    started: float,
+    time_unix: float | None = None,
+) -> dict[str, Any]:
+    now = time.time() if time_unix is None else time_unix
+    sid = new_id(label, now)
+    while store.backend.exists(snapshot_name(sid)):
+        sid = new_id(label, now)
+    doc = {
+        "format": FORMAT,
+        "kind": "tabby-modal/snapshot",
+        "id": sid,
+        "label": sid.split("-", 2)[2],
+        "time": mirror.iso(now),
+        "time_unix": now,
+        "consistency": consistency,
+        "source": source,
+        "host": socket.gethostname(),
+        "bytes": sum(e.size for e in files.values()),
+        "databases": [{"path": p, "check": c} for p, c in sorted(checks.items())],
+        "files": [e.to_json() for _, e in sorted(files.items())],
+    }
+    store.backend.write_atomic(snapshot_name(sid), mirror.dump_json(doc))
+    return {
+        "id": sid,
+        "label": doc["label"],
+        "time": doc["time"],
+        "consistency": consistency,
+        "files": len(files),
+        "bytes": doc["bytes"],
+        "new_blobs": new_blobs,
+        "new_bytes": new_bytes,
+        "databases": checks,
+        "seconds": round(time.monotonic() - started, 4),
+    }
