@@ -16,14 +16,17 @@ Environment knobs (all optional):
   STANDIN_HANG=1              never bind (spin forever)
   STANDIN_BIND_GATE=PATH      after "Listening at", wait for PATH to exist before binding
   STANDIN_IGNORE_TERM=1       ignore SIGTERM (stop must escalate to SIGKILL)
+  STANDIN_EXIT_AFTER=S        exit with code 7 S seconds after the bind (a crash while serving)
   STANDIN_CHILD=0             do not spawn the llama-server child
   STANDIN_CHILD_PIDFILE=PATH  write the child's pid there
   STANDIN_CHILD_IGNORE_TERM=1 the child ignores SIGTERM
   STANDIN_SSE_EVENTS / STANDIN_SSE_INTERVAL_MS   default chat stream shape (5 events, 10 ms apart)
 
 Debug endpoints (no auth): /debug/stats, /debug/echo, /debug/cookies, /debug/download, /debug/slow, /debug/json,
-/debug/abort, /debug/idle, /debug/register; chat bodies may carry {"events", "interval_ms", "first_ms",
-"crash_after", "abort_after"}; a websocket text "close:<code>:<reason>" makes the server close with that code.
+/debug/abort, /debug/idle, /debug/register, /debug/config (the models as Tabby would resolve them from its flags and
+$TABBY_ROOT/config.toml, read at start as Tabby does; invalid TOML exits with 101, Tabby's panic); chat bodies may
+carry {"events", "interval_ms", "first_ms", "crash_after", "abort_after"}; a websocket text "close:<code>:<reason>"
+makes the server close with that code.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -301,8 +305,11 @@ def open_db(root: Path) -> sqlite3.Connection:
 
 
 class Standin:
-    def __init__(self, args: argparse.Namespace, root: Path, db: sqlite3.Connection) -> None:
+    def __init__(
+        self, args: argparse.Namespace, root: Path, db: sqlite3.Connection, config: dict | None = None
+    ) -> None:
         self.args = args
+        self.config = config or {}
         self.root = root
         self.db = db
         self.token = os.environ.get("STANDIN_TOKEN", "standin-token")
@@ -437,6 +444,24 @@ class Standin:
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(STATS)
 
+    async def config_view(self, request: web.Request) -> web.Response:
+        """As crates/tabby/src/serve.rs `merge_args`: a flag replaces config.toml's model; embedding only from it."""
+        model = self.config.get("model", {})
+
+        def local_id(role: str) -> str | None:
+            return (model.get(role) or {}).get("local", {}).get("model_id")
+
+        embedding = model.get("embedding", {"local": {"model_id": "Nomic-Embed-Text"}})  # Tabby's default
+        return web.json_response(
+            {
+                "embedding_model_id": (embedding.get("local") or {}).get("model_id"),
+                "embedding": embedding,
+                "completion_model_id": self.args.model or local_id("completion"),
+                "chat_model_id": self.args.chat_model or local_id("chat"),
+                "embedding_enabled": os.environ.get("TABBY_EMBEDDING_ENABLED"),
+            }
+        )
+
     async def echo(self, request: web.Request) -> web.Response:
         h = hashlib.sha256()
         n = 0
@@ -554,6 +579,7 @@ class Standin:
         r.add_get("/subscriptions", self.websocket)
         r.add_get("/hub", self.websocket)
         r.add_get("/debug/stats", self.stats)
+        r.add_get("/debug/config", self.config_view)
         r.add_route("*", "/debug/echo{tail:.*}", self.echo)
         r.add_get("/debug/cookies", self.cookies)
         r.add_get("/debug/download", self.download)
@@ -583,14 +609,31 @@ async def serve(args: argparse.Namespace, standin: Standin) -> None:
         await asyncio.sleep(0.01)
     site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
     await site.start()
+    exit_after = os.environ.get("STANDIN_EXIT_AFTER")
+    if exit_after:  # a crash while serving, with no request needed (the owner-claim guard may be locked)
+        await asyncio.sleep(float(exit_after))
+        print("stand-in crash while serving (STANDIN_EXIT_AFTER)", flush=True)
+        os._exit(7)
     await asyncio.Event().wait()
+
+
+def read_config(root: Path) -> dict:
+    """As Tabby's `Config::load().expect(...)` in main.rs: absent is the default; invalid TOML panics (exit 101)."""
+    path = root / "config.toml"
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        print(f"thread 'main' panicked: Must be able to load config: '{path}' is not valid: {err}")
+        sys.exit(101)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tabby")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model")  # optional, as in Tabby: config.toml may name the completion model
     s.add_argument("--chat-model")
     s.add_argument("--device", default="cpu")
     s.add_argument("--parallelism", type=int, default=1)
@@ -601,6 +644,7 @@ def main() -> None:
     if os.environ.get("STANDIN_IGNORE_TERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     root = Path(os.environ.get("TABBY_ROOT") or Path.home() / ".tabby")
+    config = read_config(root)
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)  # as Tabby does for every subcommand
     print(f"Writing to new file {root / 'events'}", flush=True)
@@ -614,7 +658,7 @@ def main() -> None:
     )
     db = open_db(root)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args, Standin(args, root, db)))
+        asyncio.run(serve(args, Standin(args, root, db, config)))
 
 
 if __name__ == "__main__":

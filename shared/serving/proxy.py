@@ -7,7 +7,9 @@ hides upstream crashes as clean endings, never passes a client's disconnect on a
 What this proxy guarantees (one test each in tests/test_proxy.py):
 - one `aiohttp.ClientSession` per process, made at ASGI lifespan startup, or lazily if lifespan never runs; no cookie
   jar, no automatic decompression, no environment proxies, no default headers;
-- request and response bodies stream (chunked uploads too); `raw_path` and the query string go upstream verbatim;
+- request and response bodies stream (chunked uploads too, and bodies with no length header at all, as HTTP/2 sends
+  them: a body is detected from the first `http.request` message); `raw_path` and the query string go upstream
+  verbatim (without `raw_path`, as on Modal, `path` is quoted again; an escaped `/` cannot come back);
   header lists are passed as lists (repeats kept, each `Set-Cookie` separate); hop-by-hop headers and the names listed
   in `Connection` are dropped both ways; `X-Forwarded-For/-Host/-Proto` are added;
 - a client that goes away cancels the upstream request, before and after the response headers;
@@ -76,6 +78,8 @@ STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Close codes that must not be sent in a close frame.
 UNSENDABLE = {1005: 1000, 1006: 1001, 1015: 1011}  # no status -> normal; dropped -> going away
 READ_BUFSIZE = 256 * 1024
+# Characters left as they are when a decoded `path` is quoted again: RFC 3986 pchar and `/`, never `%`, `?`, `#`.
+PATH_SAFE = "/:@!$&'()*+,;="
 KEEPALIVE = (
     10.0  # pooled connections expire before a typical upstream idle timeout (hyper: none; nginx: 75 s)
 )
@@ -236,27 +240,31 @@ class Proxy:
 
     # --- request parts -------------------------------------------------------------------------------------
     def url(self, scope: Scope) -> URL:
+        """Tabby's URL for this request: `raw_path` as the client sent it, else `path` quoted again.
+
+        Modal's ASGI scope has no `raw_path`. Its decoded `path` is quoted back: a literal `%` (sent as `%25`), `?`,
+        `#`, spaces and non-ASCII are escaped again; what cannot come back is an escaped `/` (`%2F` reads as `/`)
+        or any other character the client escaped needlessly. Tabby's routes need neither.
+        """
         raw = scope.get("raw_path")
         if raw:
             path = raw.decode("latin-1").split("?", 1)[0]  # some servers leave the query in raw_path
         else:
-            path = urllib.parse.quote(scope.get("path") or "/", safe="/:@!$&'()*+,;=-._~%")
+            path = urllib.parse.quote(scope.get("path") or "/", safe=PATH_SAFE)
         query = (scope.get("query_string") or b"").decode("latin-1")
         text = f"{self.upstream}{path}" + (f"?{query}" if query else "")
         return URL(text, encoded=True)  # encoded: %2F and the query stay exactly as the client sent them
 
     @staticmethod
-    def forwarded_headers(
-        scope: Scope, drop: frozenset[bytes] = frozenset()
-    ) -> tuple[CIMultiDict[str], bool]:
-        """Upstream headers (a list: repeats kept, in order) and whether the request has a body."""
+    def forwarded_headers(scope: Scope, drop: frozenset[bytes] = frozenset()) -> CIMultiDict[str]:
+        """Upstream headers: a list, repeats kept, in order. (Whether a body follows is not read from them: over
+        HTTP/2 a body may come with neither Content-Length nor Transfer-Encoding; see `_Exchange`.)"""
         raw: list[tuple[bytes, bytes]] = scope.get("headers") or []
         chunked = any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in raw)
         kept = strip_hop_by_hop(raw, drop | FORWARDED | REQUEST_ONLY)
         headers: CIMultiDict[str] = CIMultiDict()
         prior_for = ""
         host = ""
-        length = None
         for k, v in raw:
             lk = k.lower()
             if lk == b"x-forwarded-for":
@@ -266,8 +274,6 @@ class Proxy:
         for k, v in kept:
             if chunked and k.lower() == b"content-length":
                 continue  # both is invalid; the chunked framing wins (RFC 9112 6.3)
-            if k.lower() == b"content-length":
-                length = v
             headers.add(k.decode("latin-1"), v.decode("latin-1"))
         client = scope.get("client")
         if client:
@@ -278,8 +284,7 @@ class Proxy:
             headers["X-Forwarded-Host"] = host
         scheme = scope.get("scheme") or "http"
         headers["X-Forwarded-Proto"] = {"ws": "http", "wss": "https"}.get(scheme, scheme)
-        has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
-        return headers, has_body
+        return headers
 
     # --- HTTP ----------------------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -287,8 +292,11 @@ class Proxy:
         if refusal is not None:
             await send_json(send, refusal.status, refusal.error, retry_after=refusal.retry_after)
             return
-        headers, has_body = self.forwarded_headers(scope)
-        exchange = _Exchange(receive, has_body)
+        headers = self.forwarded_headers(scope)
+        first = await receive()  # the body's first part (maybe empty) tells whether there is a body at all
+        if first["type"] != "http.request":
+            return  # http.disconnect: the client left before its request was complete
+        exchange = _Exchange(receive, first)
         work = asyncio.ensure_future(self._exchange(scope, send, headers, exchange))
         watch = asyncio.ensure_future(exchange.watch())
         try:
@@ -331,7 +339,7 @@ class Proxy:
                     method,
                     url,
                     headers=headers,
-                    data=exchange.body() if exchange.has_body else None,
+                    data=exchange.data(),
                     allow_redirects=False,
                     compress=None,
                     auto_decompress=False,
@@ -396,7 +404,7 @@ class Proxy:
                 scope, send, refusal.status, refusal.error, retry_after=refusal.retry_after
             )
             return
-        headers, _ = self.forwarded_headers(scope, WS_HANDSHAKE)
+        headers = self.forwarded_headers(scope, WS_HANDSHAKE)
         headers.popall("Content-Length", None)
         try:
             upstream = await self.session().ws_connect(
@@ -482,22 +490,37 @@ class Proxy:
 class _Exchange:
     """The client's side of one HTTP exchange: its body as a stream, and whether it has gone away.
 
+    Whether there is a body comes from the first `http.request` message (non-empty, or more to come), never from
+    the headers: over HTTP/2 (Modal's ingress) a body needs neither Content-Length nor Transfer-Encoding. A body
+    whole in that first message goes upstream as bytes (with its length); a longer one streams, chunked unless the
+    client gave a length.
+
     ASGI delivers the body and the disconnect through the same `receive()`, which must not be awaited twice at once:
     the body generator reads it while the upload lasts, the watcher afterwards.
     """
 
-    __slots__ = ("_body_over", "disconnected", "has_body", "receive")
+    __slots__ = ("_body_over", "_first", "_more", "disconnected", "has_body", "receive")
 
-    def __init__(self, receive: Receive, has_body: bool) -> None:
+    def __init__(self, receive: Receive, first: Message) -> None:
         self.receive = receive
-        self.has_body = has_body
+        self._first: bytes = first.get("body") or b""
+        self._more = bool(first.get("more_body"))
+        self.has_body = bool(self._first) or self._more
         self.disconnected = False
         self._body_over = asyncio.Event()
-        if not has_body:
+        if not self._more:
             self._body_over.set()
+
+    def data(self) -> bytes | AsyncIterator[bytes] | None:
+        """What to send upstream: nothing, the whole body, or a stream of it."""
+        if not self.has_body:
+            return None
+        return self.body() if self._more else self._first
 
     async def body(self) -> AsyncIterator[bytes]:
         try:
+            if self._first:
+                yield self._first
             while True:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":

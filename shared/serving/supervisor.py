@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from shared.settings import ENV_PREFIX, Settings
@@ -62,9 +62,13 @@ def model_arg(model: str, model_cache: str) -> str:
     return str(baked) if baked.is_dir() else model
 
 
-def build_command(settings: Settings, tabby_bin: str) -> list[str]:
-    cmd = [tabby_bin, "serve", "--model", model_arg(settings.completion_model, settings.model_cache)]
-    if settings.chat_model:
+def build_command(settings: Settings, tabby_bin: str, *, skip: Collection[str] = ()) -> list[str]:
+    """`tabby serve ...`; `skip` names model roles (`completion`, `chat`) that the user's config.toml sets: a flag
+    would override it (see tabby_config)."""
+    cmd = [tabby_bin, "serve"]
+    if "completion" not in skip:
+        cmd += ["--model", model_arg(settings.completion_model, settings.model_cache)]
+    if settings.chat_model and "chat" not in skip:
         cmd += ["--chat-model", model_arg(settings.chat_model, settings.model_cache)]
     cmd += [
         "--device",
@@ -89,6 +93,7 @@ def build_env(
     env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(ENV_PREFIX)}
     env["TABBY_ROOT"] = str(live_root)
     env["TABBY_DISABLE_USAGE_COLLECTION"] = "1"
+    env["TABBY_EMBEDDING_ENABLED"] = "yes"  # Tabby 0.33 runs no embedding model without it; 0.32 ignores it
     # A missing cache dir (a local run without baked models) lets Tabby use TABBY_ROOT/models, which the mirror skips.
     if Path(settings.model_cache).is_dir():
         env["TABBY_MODEL_CACHE_ROOT"] = settings.model_cache
