@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/bench_proxy.py            # part of `make bench`; about a minute, 127.0.0.1 only
 
-The upstream is the stand-in Tabby (tests/standin_tabby.py, an aiohttp server). Both ASGI proxies run under uvicorn
-in their own processes (so their CPU time and memory can be read from /proc); the load comes from this process.
+The upstream is the stand-in Tabby (tests/standin_tabby.py, an aiohttp server). Both ASGI proxies run under plain
+uvicorn (h11, asyncio), ours also under the local host of `serve --local` (shared/serving/host.py), each in its own
+process (so its CPU time and memory can be read from /proc); the load comes from this process.
 asgi-proxy-lib is a dev dependency used here only: runtime code never imports it.
 
 Measured: GET req/s at 1 and 16 clients with p50/p99 latency and the proxy's CPU per request; time to the first SSE
@@ -63,15 +64,15 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 
 def serve(kind: str, port: int, upstream: str) -> None:
     """Child mode: run one proxy under uvicorn."""
-    if kind == "ours-host":  # the same proxy under our aiohttp-based ASGI host (`serve --local`)
-        from shared.serving.host import AsgiHost
+    if kind == "ours-host":  # the same proxy under our local host, as `serve --local` runs it
+        from shared.serving.host import AsgiHost, run
         from shared.serving.proxy import Proxy
 
-        async def run() -> None:
+        async def main() -> None:
             await AsgiHost(Proxy(upstream), "127.0.0.1", port).start()
             await asyncio.Event().wait()
 
-        asyncio.run(run())
+        run(main())
         return
     import uvicorn
 
@@ -93,6 +94,8 @@ def serve(kind: str, port: int, upstream: str) -> None:
         lifespan=lifespan,
         access_log=False,
         proxy_headers=False,
+        loop="asyncio",
+        http="h11",
     )
 
 
@@ -357,11 +360,11 @@ def main() -> int:
             wait_port(up_port, upstream_proc)
             upstream = f"http://127.0.0.1:{up_port}"
             targets = [("direct", upstream, None)]
-            kinds = (
-                ("ours", "our proxy, uvicorn"),
-                ("lib", "asgi-proxy-lib 0.2a0, uvicorn"),
-                ("ours-host", "our proxy, our ASGI host"),
-            )
+            kinds = [
+                ("ours", "our proxy, uvicorn (h11, asyncio)"),
+                ("lib", "asgi-proxy-lib 0.2a0, uvicorn (h11, asyncio)"),
+                ("ours-host", "our proxy, our local host (uvicorn: httptools, uvloop)"),
+            ]
             for kind, label in kinds:
                 port = free_port()
                 p = subprocess.Popen(
@@ -379,6 +382,10 @@ def main() -> int:
     ready = readiness(args.starts, 6)
 
     direct, ours_uv, lib, ours_host = rows
+    hosts = [
+        ("under uvicorn (h11, asyncio)", ours_uv),
+        ("under our local host (httptools, uvloop)", ours_host),
+    ]
     lines = [
         "| Target | GET c1 req/s | GET c16 req/s | c16 p50 / p99 ms | added p50 ms (c1; c16) | "
         "CPU ms/req (c1; c16) | 16 SSE first event p50 ms (first token at 30 ms) | events after cancel | RSS +MB: 50 MB up; 100 MB down |",
@@ -412,13 +419,13 @@ def main() -> int:
         f"{max(o):.1f} |",
         f"| seed (1 s poll) | {len(s)} | {pct(s, 0.5):.0f} | {pct(s, 0.95):.0f} | {max(s):.0f} |",
         "",
-        "| Goal (our proxy) | under uvicorn (h11) | under our ASGI host |",
-        "|---|---|---|",
+        "| Goal (our proxy) | " + " | ".join(h for h, _ in hosts) + " |",
+        "|---" * (len(hosts) + 1) + "|",
     ]
 
     def goal(label: str, measure: Any, met: Any) -> str:
-        cells = [f"{measure(r)} {'(met)' if met(r) else '**(missed)**'}" for r in (ours_uv, ours_host)]
-        return f"| {label} | {cells[0]} | {cells[1]} |"
+        cells = [f"{measure(r)} {'(met)' if met(r) else '**(missed)**'}" for _, r in hosts]
+        return f"| {label} | " + " | ".join(cells) + " |"
 
     def ratio(r: dict[str, Any], c: str) -> float:
         return r[c]["rps"] / max(lib[c]["rps"], 1e-9)
@@ -449,7 +456,8 @@ def main() -> int:
             lambda r: f"{r['rss_up']:.1f} / {r['rss_down']:.1f} MB",
             lambda r: max(r["rss_up"], r["rss_down"]) <= 16,
         ),
-        f"| readiness p95 <= 20 ms | {pct(o, 0.95):.1f} ms {'(met)' if pct(o, 0.95) <= 20 else '**(missed)**'} | |",
+        f"| readiness p95 <= 20 ms | {pct(o, 0.95):.1f} ms {'(met)' if pct(o, 0.95) <= 20 else '**(missed)**'} |"
+        + " |" * (len(hosts) - 1),
         "",
         f"({os.cpu_count()} CPUs shared by load generator, proxy and upstream; loopback; "
         f"{CELL_SECONDS:g} s per load cell; run took {time.monotonic() - started:.0f} s)",

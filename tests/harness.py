@@ -106,7 +106,8 @@ class Standin:
 
 @contextlib.asynccontextmanager
 async def serve_asgi(app: Any, kind: str = "asgi_host", *, lifespan: bool = True) -> AsyncIterator[str]:
-    """Serve an ASGI app on 127.0.0.1 with our aiohttp host or uvicorn; yields its base URL."""
+    """Serve an ASGI app on 127.0.0.1 with our local host (uvicorn as `serve --local` runs it: httptools,
+    websockets) or plain uvicorn (h11, its defaults); yields its base URL."""
     if kind == "asgi_host":
         from shared.serving.host import AsgiHost
 

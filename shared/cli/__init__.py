@@ -1,4 +1,5 @@
-"""`tabby-modal`: the ops command. Each module below adds its own subcommands to `cli`."""
+"""`tabby-modal`, the ops command: setup and checks, Tabby's state and backups, `serve --local`, on this machine
+or on Modal. Each module below adds its own subcommands to `cli`; the work itself is done in `shared.operations`."""
 
 from __future__ import annotations
 

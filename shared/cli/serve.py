@@ -86,7 +86,9 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
         maintenance_recheck=1.0,  # a local file read: cheap enough to look every second
     )
     setup_logging()
-    code = asyncio.run(_serve(server, host, settings.local_port if port is None else port))
+    from shared.serving.host import run
+
+    code = run(_serve(server, host, settings.local_port if port is None else port))  # on uvloop
     raise SystemExit(code)
 
 
