@@ -18,7 +18,7 @@ YESF = $(if $(YES),--yes)
 
 .PHONY: help install test stress lint format config doctor need-modal secrets warm-cache deploy deploy-warmer \
 	deploy-server deploy-maintenance stop-server rotate-jwt-secret serve-local smoke bench backup-volume snapshots inspect-volume \
-	verify-backups restore-volume reset-volume prune-backups
+	verify-backups restore-volume reset-volume prune-backups warm cold status upgrade
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -79,6 +79,15 @@ rotate-jwt-secret: need-modal ## New JWT secret + setup token in tabby-secrets, 
 	@echo "rotated: browser sessions end now; IDE auth tokens keep working"
 	@$(MAKE) --no-print-directory stop-server
 	@$(MAKE) --no-print-directory deploy-server
+
+status: ## One screen: is it up, is it safe (exit 1 when something needs a person; works offline)
+	@$(TM) status
+
+warm: need-modal ## Keep one server container up (min_containers=1) until `make cold` or a server deploy
+	$(TM) warm
+
+cold: need-modal ## Let the server scale to zero when idle (min_containers=0)
+	$(TM) cold
 
 serve-local: ## Run Tabby + the proxy locally (needs TABBY_BIN or tabby on PATH)
 	$(TM) serve --local $(LOCAL)

@@ -23,7 +23,7 @@ check); `--force` skips the running-server check and is dangerous.
 import modal
 
 from shared.image import build_image
-from shared.operations import maintenance
+from shared.operations import maintenance, warm
 from shared.settings import load_settings
 
 # Resolved here, on your machine; the container gets the same values through `env=` in the options.
@@ -113,3 +113,11 @@ def import_archive(name: str, label: str = "import") -> dict:
 def scheduled_backup() -> dict:
     """Snapshot with the label `scheduled`, then prune by the retention settings."""
     return maintenance.run("scheduled_backup", data=data, backups=backups)
+
+
+# Warm hours (TABBY_MODAL_WARM_HOURS; empty = no schedule): every 5 minutes, set the server's min_containers to what
+# the hours say now (1 inside, 0 outside). A server deploy resets it; the next run sets it again.
+@app.function(image=image, schedule=warm.schedule(settings), **warm.function_options(settings))
+def warm_hours() -> dict:
+    """Keep one server container warm inside the warm hours, none outside (Modal's update_autoscaler)."""
+    return warm.run_scheduled()

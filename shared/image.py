@@ -17,8 +17,9 @@ from shared.models import download_model
 from shared.settings import Settings
 
 # Our runtime dependencies (pinned as in uv.lock), after the models so a bump never re-downloads a model.
-# Modal mounts its own client into every container, so `modal` itself is not installed here.
-PYTHON_PACKAGES = ("pydantic-settings==2.16.3", "aiohttp==3.14.5")
+# Modal mounts its own client into every container, so `modal` itself is not installed here. `tzdata`: the image
+# (CUDA Ubuntu base, standalone Python) may lack /usr/share/zoneinfo, which warm hours' time zones need.
+PYTHON_PACKAGES = ("pydantic-settings==2.16.3", "aiohttp==3.14.5", "tzdata==2026.6")
 DOWNLOAD_TIMEOUT = 3600
 
 

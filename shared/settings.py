@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import warm_hours as _warm_hours
+
 ENV_PREFIX = "TABBY_MODAL_"
 
 # Modal accepts any GPU string until deploy time, so we check against what Modal sells.
@@ -100,6 +102,11 @@ class Settings(BaseSettings):
         30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data."
     )
     tabby_bin: str = Field("tabby", description="Tabby binary for local runs (also read from TABBY_BIN).")
+    warm_hours: str = Field(
+        "",
+        description="Keep one server container warm in these hours, e.g. `Mon-Fri 08:00-19:00 Europe/Berlin`; "
+        "empty = off.",
+    )
 
     # --- Modal names ----------------------------------------------------------------------------------------
     warmer_app: str = Field("tabby-warmer", description="Modal app that builds and checks the model image.")
@@ -209,6 +216,12 @@ class Settings(BaseSettings):
         if v and (len(v.split(" ")) != 5 or not all(_CRON_FIELD_RE.match(f) for f in v.split(" "))):
             raise ValueError(f"must be a 5-field cron expression like '0 3 * * *' (or empty), got {v!r}")
         return v
+
+    @field_validator("warm_hours")
+    @classmethod
+    def _warm(cls, v: str) -> str:
+        hours = _warm_hours.parse(v)  # WarmHoursError is a ValueError: one line, named by `one_line`
+        return "" if hours is None else hours.text
 
     @field_validator(
         "warmer_app",

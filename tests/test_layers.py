@@ -25,8 +25,9 @@ ALLOWED = {
     "cli": {"operations", "serving", "state", "base"},
     "apps": {"operations", "serving", "state", "base"},
 }
-BASE = {"shared", "shared.settings", "shared.image", "shared.models", "shared.logs"}
-TOP_LEVEL_ALLOWED = {"settings.py", "image.py", "models.py", "logs.py", "__init__.py"}
+# warm_hours: the stdlib-only parser that settings validates TABBY_MODAL_WARM_HOURS with.
+BASE = {"shared", "shared.settings", "shared.image", "shared.models", "shared.logs", "shared.warm_hours"}
+TOP_LEVEL_ALLOWED = {"settings.py", "image.py", "models.py", "logs.py", "warm_hours.py", "__init__.py"}
 
 
 def layer(module: str) -> str:

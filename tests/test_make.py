@@ -21,6 +21,8 @@ NEEDS_MODAL = [
     "reset-volume",
     "prune-backups",
     "rotate-jwt-secret",
+    "warm",
+    "cold",
 ]
 LINE = "No Modal credentials: run `modal token new` or set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
 

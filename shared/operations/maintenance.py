@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shared.operations import versions
 from shared.operations.local import LocalOps
 from shared.state import archive, lease
 from shared.state.atomic import StateError
@@ -133,7 +134,8 @@ class Maintenance:
 
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         self._reload(self.data, self.backups)
-        return {**self.ops.inspect(snapshot_id), "locks": lease.status(self.locks)}
+        result = {**self.ops.inspect(snapshot_id), "locks": lease.status(self.locks)}
+        return versions.annotate(result, self.ops.backups_dir)  # which Tabby runs / wrote this database
 
     def verify(self, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
         # Holds the store lease: a prune in another container must not delete blobs under a verify.

@@ -1,0 +1,61 @@
+"""`tabby-modal status [--local DIR] [--json]`: is it up, is it safe, and what to do next.
+
+Exit 0 when all is well, 1 when something needs a person (each such line carries the command to run), 2 on bad
+input. Without Modal credentials it still prints what it knows (settings, warm hours, image) and says what it could
+not check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.cli import cli
+from shared.cli.common import (
+    EXIT_PROBLEMS,
+    emit,
+    get_settings,
+    handled,
+    has_modal_credentials,
+    json_option,
+    local_option,
+)
+from shared.operations import status
+
+MARK = {"ok": "ok ", "info": "   ", "problem": "BAD", "unknown": " ? "}
+
+
+def render(r: dict[str, Any]) -> str:
+    width = max(len(i["name"]) for i in r["items"])
+    lines = []
+    for i in r["items"]:
+        lines.append(f"{MARK[i['state']]}  {i['name']:<{width}}  {i['detail']}")
+        if i["next"]:
+            lines.append(f"     {'':<{width}}  -> {i['next']}")
+    if r["ok"]:
+        tail = "all well" + (f" (not checked: {', '.join(r['unchecked'])})" if r["unchecked"] else "")
+    else:
+        tail = f"{r['problems']} thing(s) need a person"
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+@cli.command("status")
+@local_option
+@json_option
+@handled
+def status_cmd(local: str | None, as_json: bool) -> None:
+    """One screen: server URL and containers, warm hours, Tabby versions, owner, last persist, backups, leases."""
+    settings = get_settings()
+    if local is not None:
+        result = status.local_status(settings, local)
+    else:
+        credentials = has_modal_credentials()
+        ops = None
+        if credentials:
+            from shared.operations.remote import RemoteOps
+
+            ops = RemoteOps(settings)
+        result = status.remote_status(settings, credentials=credentials, ops=ops)
+    emit(result, as_json, render)
+    if not result["ok"]:
+        raise SystemExit(EXIT_PROBLEMS)
