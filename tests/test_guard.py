@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from shared.serving import guard as guard_mod
 from shared.serving.guard import COOKIE, SIGNUP_PATH, OwnerGuard, cookie_value, has_user
 from shared.serving.proxy import Proxy
 from tests.harness import TOKEN, Standin, serve_asgi
+from tests.standin_tabby import migrate, register_user
 
 SETUP = "6f1c1b7e-3a52-4d0e-9a55-2f8d0c6c3c11"
 
@@ -84,6 +86,34 @@ def test_has_user_reads_a_live_wal_database(tmp_path):
         assert has_user(db) is True
     finally:
         writer.close()
+
+
+def test_has_user_means_tabbys_owner_id_1(tmp_path):
+    """Tabby's owner is users.id 1, made admin at sign-up; while no admin exists Tabby lets anyone sign up as admin,
+    so other users (no id 1) or a non-admin id 1 leave the guard locked."""
+    db = tmp_path / "ee/db.sqlite"
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    migrate(conn)  # Tabby 0.32's real `users` table
+    add = "INSERT INTO users(id, email, is_admin, auth_token) VALUES (?, ?, ?, ?)"
+    try:
+        conn.execute(add, (2, "dev@example.com", 0, "auth_2"))
+        assert has_user(db) is False  # a user, but not the owner
+        conn.execute(add, (1, "first@example.com", 0, "auth_1"))
+        assert has_user(db) is False  # id 1 but not an admin: not how Tabby makes its owner
+        conn.execute("DELETE FROM users")
+        assert register_user(conn, "owner@example.com")[0::2] == (3, True)  # AUTOINCREMENT: id 3, admin
+        assert has_user(db) is False
+    finally:
+        conn.close()
+    with Standin(tmp_path / "fresh") as tabby:  # the stand-in's sign-up: the first registrant is id 1, admin
+        fresh = tmp_path / "fresh/ee/db.sqlite"
+        assert has_user(fresh) is False
+        req = urllib.request.Request(tabby.url + "/debug/register", data=b'{"email": "me@example.com"}')
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.loads(r.read())["id"] == 1
+        assert has_user(fresh) is True
 
 
 # --- locked ---------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
-"""The owner-claim guard: on a fresh (or reset) Tabby the first account to register becomes its owner, so while the
-database has no user, nobody gets through without the setup token.
+"""The owner-claim guard: on a fresh (or reset) Tabby the first account to register becomes its owner (users.id 1,
+made admin), so while the database has no owner, nobody gets through without the setup token.
 
     GET /_setup?token=<TABBY_MODAL_SETUP_TOKEN>   -> 303 to Tabby's owner sign-up, with an HttpOnly cookie
     any request carrying that cookie              -> passed through (the sign-up page, its assets, /graphql)
     anything else while no user exists            -> 403 JSON saying how to claim the instance
 
-Once a user exists the guard switches off for the life of the process. The check is cheap: the answer is cached
+Once the owner exists the guard switches off for the life of the process. The check is cheap: the answer is cached
 and, while locked, re-read at most every `recheck` seconds from a read-only connection (`mode=ro`: the guard never
-creates the database, and a missing file or `users` table means "no user").
+creates the database, and a missing file or `users` table means "no owner"). Other users without id 1 do not count:
+Tabby opens its admin sign-up to anyone while no admin exists.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 
 from shared.serving.proxy import ASGIApp, Receive, Scope, Send, reject_websocket, send_json
+from shared.state.database import OWNER_ID
 
 log = logging.getLogger("tabby_modal.guard")
 
@@ -36,7 +38,8 @@ RECHECK = 1.0
 
 
 def has_user(db_path: Path) -> bool:
-    """Does Tabby's database hold at least one user? False when the file or the table is missing."""
+    """Has Tabby's owner registered: a user with id 1 (an admin, where the table has `is_admin`)? False when the file
+    or the table is missing."""
     if not db_path.is_file():
         return False
     uri = f"file:{urllib.parse.quote(str(db_path.resolve()))}?mode=ro"
@@ -45,7 +48,12 @@ def has_user(db_path: Path) -> bool:
     except sqlite3.Error:
         return False
     try:
-        return conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+        cur = conn.execute(f"SELECT * FROM users WHERE id = {OWNER_ID}")
+        row = cur.fetchone()
+        if row is None:
+            return False
+        names = [d[0] for d in cur.description]
+        return bool(row[names.index("is_admin")]) if "is_admin" in names else True
     except sqlite3.Error:  # no such table (yet), or the database is mid-creation
         return False
     finally:

@@ -132,8 +132,35 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {str(r[1]) for r in conn.execute(f"PRAGMA table_info({_quote(table)})")}
 
 
+# Tabby's owner is the user with id 1, its first registrant, made admin (tabby-db `OWNER_USER_ID`).
+OWNER_ID = 1
+
+
+def schema_version(conn: sqlite3.Connection) -> dict[str, int | None] | None:
+    """Tabby's schema from sqlx's `_sqlx_migrations`: {"version": highest successful, "migrations": rows}, or None
+    when the table is absent (Tabby 0.32 has 49 rows, version 50)."""
+    try:
+        version, rows = conn.execute(
+            "SELECT max(CASE WHEN success THEN version END), count(*) FROM _sqlx_migrations"
+        ).fetchone()
+    except sqlite3.OperationalError:  # no such table (or column): not a Tabby database, or not migrated yet
+        return None
+    return {"version": None if version is None else int(version), "migrations": int(rows)}
+
+
+def read_schema_version(path: Path) -> dict[str, int | None] | None:
+    """`schema_version` of the database at `path`, opened read-only; None when the file or the table is missing."""
+    if not path.is_file():
+        return None
+    try:
+        with closing(sqlite3.connect(_ro_uri(path), uri=True, timeout=5)) as conn:
+            return schema_version(conn)
+    except sqlite3.DatabaseError:
+        return None
+
+
 def inspect_conn(conn: sqlite3.Connection, *, check: Check = "full") -> dict[str, Any]:
-    """Tables with row counts, users, whether an owner exists, schema version, integrity."""
+    """Tables with row counts, users, whether the owner (id 1, admin) exists, schema version, integrity."""
     tables: dict[str, int] = {}
     names = [
         str(r[0])
@@ -147,23 +174,24 @@ def inspect_conn(conn: sqlite3.Connection, *, check: Check = "full") -> dict[str
     owner = False
     if "users" in tables:
         cols = _columns(conn, "users")
-        # Tabby marks its owner as an admin (the first registered user); the flag column is checked if present.
+        # Tabby's owner: id 1 (its first registrant), an admin; a flag column is checked if present.
         flag = next((c for c in ("is_owner", "is_admin") if c in cols), None)
-        if flag is None:
-            owner = users > 0
-        else:
+        where = [f"id = {OWNER_ID}"] if "id" in cols else []
+        where += [_quote(flag)] if flag else []
+        if where:
             owner = bool(
-                conn.execute(f"SELECT EXISTS(SELECT 1 FROM users WHERE {_quote(flag)})").fetchone()[0]
+                conn.execute(f"SELECT EXISTS(SELECT 1 FROM users WHERE {' AND '.join(where)})").fetchone()[0]
             )
-    schema_version = None
-    if "_sqlx_migrations" in tables and "version" in _columns(conn, "_sqlx_migrations"):
-        schema_version = conn.execute("SELECT max(version) FROM _sqlx_migrations").fetchone()[0]
+        else:
+            owner = users > 0
+    schema = schema_version(conn) if "_sqlx_migrations" in tables else None
     return {
         "integrity": check_conn(conn, check),
         "users": users,
         "owner": owner,
         "tables": tables,
-        "schema_version": schema_version,
+        "schema_version": schema["version"] if schema else None,
+        "migrations": schema["migrations"] if schema else None,
         "page_count": int(conn.execute("PRAGMA page_count").fetchone()[0]),
     }
 
@@ -182,6 +210,7 @@ def inspect_file(path: Path, *, check: Check = "full") -> dict[str, Any]:
             "owner": False,
             "tables": {},
             "schema_version": None,
+            "migrations": None,
         }
 
 
@@ -194,4 +223,5 @@ def absent() -> dict[str, Any]:
         "owner": False,
         "tables": {},
         "schema_version": None,
+        "migrations": None,
     }

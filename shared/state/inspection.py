@@ -60,8 +60,9 @@ def inspect(
 ) -> dict[str, Any]:
     """Report on a data dir, or on one snapshot of `store`.
 
-    Keys: `db` {integrity, users, owner, tables, schema_version, ...}, `dirs` {top: {files, bytes}}, `files`,
-    `bytes`, `inodes`, `last_persist` {time, age_seconds, ...} or None, `snapshots` {count, bytes, blobs, newest}.
+    Keys: `db` {integrity, users, owner (id 1, admin), tables, schema_version, migrations, ...}, `dirs`
+    {top: {files, bytes}}, `files`, `bytes`, `inodes`, `last_persist` {time, age_seconds, ...} or None,
+    `snapshots` {count, bytes, blobs, newest}.
     """
     now = time.time() if now is None else now
     snapshots = store.stats() if store is not None else None
