@@ -80,6 +80,10 @@ rotate-jwt-secret: need-modal ## New JWT secret + setup token in tabby-secrets, 
 	@$(MAKE) --no-print-directory stop-server
 	@$(MAKE) --no-print-directory deploy-server
 
+upgrade: need-modal ## make upgrade TABBY_IMAGE=tabbyml/tabby:X.Y.Z [TOKEN=auth_...] [YES=1]; ROLLBACK=1 undoes the last one
+	@test -n "$(TABBY_IMAGE)$(ROLLBACK)" || { echo "usage: make upgrade TABBY_IMAGE=tabbyml/tabby:X.Y.Z [TOKEN=...]" >&2; exit 2; }
+	$(TM) upgrade $(if $(ROLLBACK),--rollback,--image "$(TABBY_IMAGE)") $(if $(TOKEN),--token "$(TOKEN)") $(YESF)
+
 status: ## One screen: is it up, is it safe (exit 1 when something needs a person; works offline)
 	@$(TM) status
 

@@ -21,6 +21,9 @@ Environment knobs (all optional):
   STANDIN_CHILD_PIDFILE=PATH  write the child's pid there
   STANDIN_CHILD_IGNORE_TERM=1 the child ignores SIGTERM
   STANDIN_SSE_EVENTS / STANDIN_SSE_INTERVAL_MS   default chat stream shape (5 events, 10 ms apart)
+  STANDIN_VERSION             the version it reports (default 0.32.0): a "new release" in upgrade tests
+  STANDIN_NEW_MIGRATION=ok|fail  a new release's migration 51: `ok` applies it; `fail` alters the schema, leaves
+                              sqlx's success=false row and exits 1 (a failed upgrade that changed the database)
 
 Debug endpoints (no auth): /debug/stats, /debug/echo, /debug/cookies, /debug/download, /debug/slow, /debug/json,
 /debug/abort, /debug/idle, /debug/register, /debug/config (the models as Tabby would resolve them from its flags and
@@ -51,6 +54,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+VERSION = os.environ.get("STANDIN_VERSION", "0.32.0")
 # --- Tabby 0.32's database ------------------------------------------------------------------------------------
 # Written from the facts of TabbyML/tabby v0.32.0 `ee/tabby-db/migrations/*.up.sql` (not copied from them): the final
 # shape, after all 49 migrations, of the tables our code and tests read.
@@ -206,6 +210,9 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if checksum != migration_checksum(version, description):
             raise SystemExit(f"migration {version} was previously applied but has been modified")
+    known = {v for v, _ in MIGRATIONS} | ({NEW_MIGRATION[0]} if os.environ.get("STANDIN_NEW_MIGRATION") else set())
+    for version in sorted(set(applied) - known):  # sqlx refuses a database from a newer release
+        raise SystemExit(f"migration {version} was previously applied but is missing in the resolved migrations")
     conn.execute("BEGIN")
     for statement in SCHEMA.split(";"):
         if statement.strip():
@@ -216,6 +223,25 @@ def migrate(conn: sqlite3.Connection) -> None:
         [(v, d, migration_checksum(v, d), 1_000_000 + v) for v, d in MIGRATIONS],
     )
     conn.execute("COMMIT")
+
+
+NEW_MIGRATION = (51, "standin-upgrade")
+
+
+def apply_new_migration(conn: sqlite3.Connection, *, fail: bool) -> None:
+    """A new release's migration 51 (a no-transaction one, as sqlx runs them: each statement commits). `fail`: the
+    column is added and sqlx's success=false row written, then the next statement fails."""
+    version, description = NEW_MIGRATION
+    if conn.execute("SELECT 1 FROM _sqlx_migrations WHERE version = ? AND success", (version,)).fetchone():
+        return
+    conn.execute("ALTER TABLE users ADD COLUMN standin_upgraded INTEGER")
+    conn.execute(
+        "INSERT OR REPLACE INTO _sqlx_migrations(version, description, success, checksum, execution_time)"
+        " VALUES (?, ?, ?, ?, 0)",
+        (version, description, not fail, migration_checksum(version, description)),
+    )
+    if fail:
+        raise SystemExit(f"migration {version} failed: while executing migrations: no such table: standin_missing")
 
 
 def register_user(
@@ -297,6 +323,9 @@ def open_db(root: Path) -> sqlite3.Connection:
         shutil.copyfile(db, ee / f"db.backup-{time.strftime('%Y%m%d', time.gmtime())}.sqlite")
     try:
         migrate(conn)
+        new = os.environ.get("STANDIN_NEW_MIGRATION")
+        if new:
+            apply_new_migration(conn, fail=new == "fail")
     except SystemExit as err:
         print(f"Error: {err}", flush=True)
         raise SystemExit(1) from None
@@ -359,7 +388,7 @@ class Standin:
                 "chat_model": self.args.chat_model,
                 "device": self.args.device,
                 "arch": "x86_64",
-                "version": {"build_date": "2026-01-25", "git_describe": "v0.32.0-standin"},
+                "version": {"build_date": "2026-01-25", "git_describe": f"v{VERSION}-standin"},
             }
         )
 
@@ -602,7 +631,7 @@ async def serve(args: argparse.Namespace, standin: Standin) -> None:
     # this line can still be refused; STANDIN_BIND_GATE holds the bind until that file exists, to show it in tests.
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     sys.stdout.flush()
-    sys.stdout.buffer.write(f"\n📄 Version 0.32.0\n🚀 Listening at http://{address}\n\n".encode())
+    sys.stdout.buffer.write(f"\n📄 Version {VERSION}\n🚀 Listening at http://{address}\n\n".encode())
     sys.stdout.flush()
     gate = os.environ.get("STANDIN_BIND_GATE")
     while gate and not os.path.exists(gate):

@@ -23,6 +23,7 @@ NEEDS_MODAL = [
     "rotate-jwt-secret",
     "warm",
     "cold",
+    "upgrade",
 ]
 LINE = "No Modal credentials: run `modal token new` or set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
 

@@ -47,7 +47,9 @@ def test_healthy_then_stale_backup_on_a_running_local_server(tmp_path, no_modal_
         r = json.loads(out.stdout)
         items = by_name(r)
         assert r["ok"] and r["url"] == f"http://127.0.0.1:{port}" and r["server"]["pid"] == proc.pid
-        assert items["server"]["state"] == "ok" and f"up at http://127.0.0.1:{port}" in items["server"]["detail"]
+        assert (
+            items["server"]["state"] == "ok" and f"up at http://127.0.0.1:{port}" in items["server"]["detail"]
+        )
         assert items["users"]["detail"] == "2 user(s); the owner exists"
         assert items["backups"]["state"] == "ok" and "-scheduled" in items["backups"]["detail"]
         assert "database schema 50 (Tabby 0.32.0)" in items["tabby"]["detail"]
@@ -59,8 +61,9 @@ def test_healthy_then_stale_backup_on_a_running_local_server(tmp_path, no_modal_
         stale = status.local_status(load_settings(None), str(local), now=time.time() + 3 * 86400)
         backups = by_name(stale)["backups"]
         assert not stale["ok"] and stale["problems"] == 1
-        assert backups["state"] == "problem" and "older than twice the schedule ('0 3 * * *', every 24.0 h)" in (
-            backups["detail"]
+        assert (
+            backups["state"] == "problem"
+            and "older than twice the schedule ('0 3 * * *', every 24.0 h)" in (backups["detail"])
         )
         assert backups["next"] == f"tabby-modal snapshot --label manual --local {local}"
         # An hourly schedule makes today's snapshot stale after a few hours.
@@ -122,7 +125,9 @@ def test_offline_status_says_what_it_could_not_check(tmp_path):
     r = json.loads(out.stdout)
     assert set(r["unchecked"]) == {"server", "users", "last persist", "backups", "leases"}
     assert by_name(r)["credentials"]["next"].startswith("modal token new")
-    assert r["warm_hours"]["configured"] and r["warm_hours"]["schedule"] == "Mon-Fri 08:00-19:00 Europe/Berlin"
+    assert (
+        r["warm_hours"]["configured"] and r["warm_hours"]["schedule"] == "Mon-Fri 08:00-19:00 Europe/Berlin"
+    )
 
 
 @pytest.mark.parametrize("expr, hours", [("0 3 * * *", 24), ("0 3 * * 1", 168), ("*/30 * * * *", 0.5)])

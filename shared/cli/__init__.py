@@ -13,6 +13,6 @@ def cli() -> None:
 
 def main() -> None:
     # Imported here so each module registers its commands on `cli` exactly once.
-    from shared.cli import maintenance, serve, setup, state, status, warm  # noqa: F401
+    from shared.cli import maintenance, serve, setup, state, status, upgrade, warm  # noqa: F401
 
     cli(prog_name="tabby-modal")
