@@ -210,9 +210,13 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if checksum != migration_checksum(version, description):
             raise SystemExit(f"migration {version} was previously applied but has been modified")
-    known = {v for v, _ in MIGRATIONS} | ({NEW_MIGRATION[0]} if os.environ.get("STANDIN_NEW_MIGRATION") else set())
+    known = {v for v, _ in MIGRATIONS} | (
+        {NEW_MIGRATION[0]} if os.environ.get("STANDIN_NEW_MIGRATION") else set()
+    )
     for version in sorted(set(applied) - known):  # sqlx refuses a database from a newer release
-        raise SystemExit(f"migration {version} was previously applied but is missing in the resolved migrations")
+        raise SystemExit(
+            f"migration {version} was previously applied but is missing in the resolved migrations"
+        )
     conn.execute("BEGIN")
     for statement in SCHEMA.split(";"):
         if statement.strip():
@@ -241,7 +245,9 @@ def apply_new_migration(conn: sqlite3.Connection, *, fail: bool) -> None:
         (version, description, not fail, migration_checksum(version, description)),
     )
     if fail:
-        raise SystemExit(f"migration {version} failed: while executing migrations: no such table: standin_missing")
+        raise SystemExit(
+            f"migration {version} failed: while executing migrations: no such table: standin_missing"
+        )
 
 
 def register_user(
