@@ -29,7 +29,7 @@ from typing import Any
 from shared.state.atomic import StateError
 
 LOCK_NAME = "serve.lock"
-ACQUIRE_WAIT = 1.0  # a `holder()` look holds a shared lock for microseconds; a real holder holds it for hours
+ACQUIRE_WAIT = 0.2  # a `holder()` look holds a shared lock for microseconds; a real holder holds it for hours
 
 
 class DirInUse(StateError):
