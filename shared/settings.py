@@ -6,8 +6,10 @@ containers explicitly through `Settings.container_env()`: a container sees neith
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +50,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_file=".env",
-        env_file_encoding="utf-8",
+        env_file_encoding="utf-8-sig",  # a UTF-8 BOM (Notepad) is read as nothing, not as part of the first key
         extra="ignore",
         validate_default=True,
     )
@@ -101,6 +103,21 @@ class Settings(BaseSettings):
     persist_interval: int = Field(
         30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data."
     )
+    restart_limit: int = Field(
+        3, ge=0, le=100, description="Restarts of a crashed Tabby within RESTART_WINDOW before it gives up."
+    )
+    restart_window: int = Field(
+        600, ge=10, le=86400, description="Seconds over which RESTART_LIMIT counts Tabby's restarts."
+    )
+    stop_grace: float = Field(
+        5.0, gt=0, le=60, description="Seconds Tabby gets after SIGTERM at shutdown, then SIGKILL."
+    )
+    exit_budget: float = Field(
+        25.0,
+        ge=5,
+        le=3600,
+        description="Seconds a shutdown may take (stop Tabby, final persist, commit); Modal allows ~30.",
+    )
     tabby_bin: str = Field("tabby", description="Tabby binary for local runs (also read from TABBY_BIN).")
     warm_hours: str = Field(
         "",
@@ -140,7 +157,19 @@ class Settings(BaseSettings):
         description="Timeout of each maintenance function (snapshot, restore, ...), seconds.",
     )
     lock_ttl: int = Field(
-        3600, ge=60, le=86400, description="Seconds before a crashed run's maintenance lock expires."
+        300,
+        ge=60,
+        le=86400,
+        description="Seconds a lease outlives its holder's last heartbeat (sent every third of it) on Modal.",
+    )
+    progress_interval: float = Field(
+        5.0, ge=0, le=3600, description="Seconds between progress lines of long runs (export, restore, ...)."
+    )
+    lock_wait: int = Field(
+        600,
+        ge=0,
+        le=86400,
+        description="Seconds a run waits for another run's store lock before it gives up.",
     )
 
     # --- Local runs -----------------------------------------------------------------------------------------
@@ -331,8 +360,76 @@ def one_line(err: ValidationError) -> str:
     return msg  # model-level errors already name their variable
 
 
+# TABBY_MODAL_* names read on purpose outside the settings: the second signal of destructive commands.
+NOT_SETTINGS = frozenset({"TABBY_MODAL_ALLOW_DESTRUCTIVE"})
+_warned: set[str] = set()
+
+
+def check_env_file(env_file: str | os.PathLike[str] | None) -> str | None:
+    """The `.env` file's text (None when there is none), or SettingsError with one line when it cannot be read as
+    UTF-8: a PowerShell `>` writes UTF-16, which would otherwise end in a traceback or in silently ignored keys."""
+    if not env_file:
+        return None
+    path = Path(env_file)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise SettingsError(f"{path}: is a directory, not a settings file") from None
+    except OSError as err:
+        raise SettingsError(f"{path}: cannot be read ({err.strerror or err})") from None
+    fix = "save it as UTF-8 (PowerShell: `(Get-Content .env) | Set-Content -Encoding utf8 .env`)"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise SettingsError(f"{path} is UTF-16 text (PowerShell's `>` writes that): {fix}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SettingsError(
+            f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}): {fix}"
+        ) from None
+
+
+def unknown_names(env_file: str | os.PathLike[str] | None = ".env") -> list[tuple[str, str, str | None]]:
+    """`TABBY_MODAL_*` names in the environment and `.env` that no setting has: (name, where, closest known)."""
+    from dotenv import dotenv_values
+
+    known = {env_name(f) for f in Settings.model_fields} | NOT_SETTINGS
+    text = check_env_file(env_file)
+    found = {k: "environment" for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+    if text is not None:
+        import io
+
+        for k in dotenv_values(stream=io.StringIO(text)):
+            if k.upper().startswith(ENV_PREFIX):
+                found.setdefault(k, str(env_file))
+    out = []
+    for name, where in sorted(found.items()):
+        if name.upper() in known:
+            continue
+        # Compared without the shared prefix, which would make every name look close to every other.
+        suffixes = {k.removeprefix(ENV_PREFIX): k for k in known}
+        close = difflib.get_close_matches(
+            name.upper().removeprefix(ENV_PREFIX), sorted(suffixes), n=1, cutoff=0.6
+        )
+        out.append((name, where, suffixes[close[0]] if close else None))
+    return out
+
+
+def warn_unknown(env_file: str | os.PathLike[str] | None = ".env") -> None:
+    """One line on stderr per unknown `TABBY_MODAL_*` name (once per process), naming the closest known one."""
+    for name, where, close in unknown_names(env_file):
+        if name in _warned:
+            continue
+        _warned.add(name)
+        hint = f"; did you mean {close}?" if close else ""
+        print(f"warning: unknown setting {name} (in {where}) is ignored{hint}", file=sys.stderr, flush=True)
+
+
 def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides: Any) -> Settings:
-    """Resolve settings (env, then `.env`, then defaults) or raise SettingsError with one line."""
+    """Resolve settings (env, then `.env`, then defaults) or raise SettingsError with one line; unknown
+    `TABBY_MODAL_*` names get a warning line."""
+    warn_unknown(env_file)
     if (
         "tabby_bin" not in overrides
         and env_name("tabby_bin") not in os.environ
@@ -350,8 +447,8 @@ def sources(env_file: str | os.PathLike[str] | None = ".env") -> dict[str, str]:
     from dotenv import dotenv_values
 
     dotenv = (
-        {k.upper(): v for k, v in dotenv_values(env_file).items()}
-        if env_file and Path(env_file).is_file()
+        {k.upper(): v for k, v in dotenv_values(env_file, encoding="utf-8-sig").items()}
+        if env_file and check_env_file(env_file) is not None
         else {}
     )
     out: dict[str, str] = {}

@@ -71,7 +71,9 @@ def graph() -> dict[str, set[str]]:
     mods = sources()
     known = set(mods)
     # A package's __init__ is only a docstring; an import of a child through it is an import of the child.
-    return {m: {i for i in imports_of(p, known) if i != m and not m.startswith(i + ".")} for m, p in mods.items()}
+    return {
+        m: {i for i in imports_of(p, known) if i != m and not m.startswith(i + ".")} for m, p in mods.items()
+    }
 
 
 def test_shared_top_level_holds_only_the_base_modules():

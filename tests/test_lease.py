@@ -29,9 +29,10 @@ while not go.exists():
     pass
 try:
     Lease(DirDict(Path(sys.argv[1])), "maintenance", "restore", ttl=600, owner=sys.argv[3]).acquire()
-    print("won")
+    print("won", flush=True)
 except LeaseHeld:
-    print("lost")
+    print("lost", flush=True)
+sys.stdin.read()  # the winner stays alive until every racer has answered (a dead holder is taken over at once)
 """
 
 
@@ -40,6 +41,7 @@ def test_put_if_absent_is_atomic_across_processes(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RACER, str(tmp_path / "dict"), str(go), f"racer-{i}"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPO,
@@ -47,7 +49,9 @@ def test_put_if_absent_is_atomic_across_processes(tmp_path):
         for i in range(8)
     ]
     go.touch()
-    outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
+    outcomes = [p.stdout.readline().strip() for p in procs]
+    for p in procs:
+        p.communicate(timeout=60)
     assert sorted(outcomes) == ["lost"] * 7 + ["won"]
     winner = DirDict(tmp_path / "dict").get("maintenance")
     assert winner["owner"] == f"racer-{outcomes.index('won')}"
@@ -153,9 +157,10 @@ def cli_json(args, tmp, **env):
 
 def test_unlock_local(tmp_path):
     box = tmp_path / "box"
+    (box / "data").mkdir(parents=True)
     d = DirDict(box / "locks")
     code, out, err = cli_json(["unlock", "--local", str(box)], tmp_path)
-    assert code == 0 and out == {"broken": {}}
+    assert code == 0 and out == {"broken": {}, "held": {}}
     Lease(d, "maintenance", "restore", ttl=600, owner="dead-run").acquire()._stop.set()
     proc = run_cli(["unlock", "--local", str(box)], tmp_path)
     assert proc.returncode == 2 and "still live" in proc.stderr and "--yes" in proc.stderr

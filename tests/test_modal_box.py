@@ -268,7 +268,6 @@ def test_body_with_content_length(env: Env) -> None:
     assert got["body_bytes"] == len(body)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: fixed by proxy helper")
 def test_body_without_length_headers(env: Env) -> None:
     """HTTP/2 through Modal's ingress: the scope has neither Content-Length nor Transfer-Encoding."""
     body = bytes(range(256)) * 400
@@ -356,7 +355,6 @@ def test_server_containers_lookup_from_a_client(env: Env) -> None:
     assert done.stdout.split() == ["0", "0"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 6: fixed by the server runtime helper")
 def test_jwt_secret_not_a_uuid_is_refused_at_start(env: Env) -> None:
     """Tabby checks the JWT secret only at the first login and then exits; the container must say so at start."""
     secret = env.box.plane.secrets[env.box.plane.named_secrets["tabby-secrets"]]
@@ -370,3 +368,22 @@ def test_jwt_secret_not_a_uuid_is_refused_at_start(env: Env) -> None:
         secret["TABBY_WEBSERVER_JWT_TOKEN_SECRET"] = JWT_SECRET
     assert status == 503 and "TABBY_WEBSERVER_JWT_TOKEN_SECRET" in text, (status, text)
     assert "TABBY_WEBSERVER_JWT_TOKEN_SECRET" in c.log()
+
+
+def test_tabby_crashing_past_the_restart_limit_exits_the_container(env: Env) -> None:
+    """Tabby crashes while serving more often than TABBY_MODAL_RESTART_LIMIT allows: the runtime persists and
+    SIGINTs its own process, as Modal's runtime does to shut a container down from inside; the exit hook and the
+    Volume commits run and the container's process ends, so Modal starts a fresh one on the next request."""
+    crashing = {**STANDIN, "STANDIN_EXIT_AFTER": "0.3", "TABBY_MODAL_RESTART_LIMIT": "1"}
+    if env.server is not None and env.server.proc.poll() is None:
+        env.server.stop()  # max_containers=1
+    c = env.box.start_container("tabby-server", "Tabby", path=[env.bindir], **crashing)
+    env.server = c
+    code = c.wait(60)
+    log = c.log()
+    assert "tabby exited with code 7 while serving" in log and "restarting tabby in" in log
+    assert "giving up on tabby: tabby crashed 2 times within 600s" in log
+    assert "exiting the container so that Modal starts a fresh one" in log
+    assert code == 0 and "server: stopped" in log  # the exit hook ran: a clean end, not os._exit
+    assert [e[1] for e in c.events("VolumeCommit")][-2:] == [DATA, DATA]  # our hook's commit, then Modal's
+    assert not port_open(PORT)

@@ -171,13 +171,14 @@ def test_maintenance_lease_held_expired_and_broken(tmp_path, fake, ops):
     lease.Lease(fake.locks, lease.MAINTENANCE, "reset all", ttl=600, owner="bob").acquire()._stop.set()
     status = ops.locks_status()
     assert status[lease.MAINTENANCE]["live"] and status[lease.MAINTENANCE]["owner"] == "bob"
-    assert set(ops.unlock()["broken"]) == {lease.MAINTENANCE}
-    assert ops.locks_status() == {lease.MAINTENANCE: None, lease.STORE: None}
+    assert ops.unlock()["held"][lease.MAINTENANCE]["owner"] == "bob"  # live: only named without force
+    assert set(ops.unlock(force=True)["broken"]) == {lease.MAINTENANCE}
+    assert ops.locks_status() == {lease.MAINTENANCE: None, lease.STORE: None, "store_file": None}
 
 
 def test_store_lease_orders_runs_in_different_containers(tmp_path, fake, ops, monkeypatch):
     Server(fake, tmp_path).persist()
-    monkeypatch.setattr(maintenance, "STORE_WAIT", 0.3)
+    monkeypatch.setenv("TABBY_MODAL_LOCK_WAIT", "0")
     held = lease.Lease(fake.locks, lease.STORE, "prune", ttl=600, owner="other-container").acquire()
     before = tree_state(fake.backups.committed)
     with pytest.raises(StateError, match="store lock held: prune by other-container"):

@@ -215,15 +215,42 @@ def test_hydrate_failure_keeps_the_data_dir_untouched(tmp_path, harness):
     assert {p: p.read_bytes() for p in h.data.rglob("*") if p.is_file()} == before
 
 
-def test_tabby_crash_while_serving_turns_into_503(tmp_path, harness):
+def test_tabby_crash_while_serving_is_restarted_after_a_persist(tmp_path, harness, caplog):
     h = harness()
     seed_data_dir(tmp_path, h.data, ["owner@example.com"])
     assert h.server.start()
+    first = h.server.supervisor
+    h.request("POST", "/debug/register", json={"email": "second@example.com"})
     with pytest.raises(aiohttp.ClientPayloadError):  # the stream in flight is cut, visibly
         h.request("POST", "/v1/chat/completions", json={"events": 3, "crash_after": 1}, headers=AUTH)
-    poll(lambda: h.server.supervisor.exited(), 5, what="tabby exit")
-    status, _, body = h.request("GET", "/v1/health", headers=AUTH)
-    assert status == 503 and "exited unexpectedly" in body["error"]
+    crashed = time.monotonic()
+    status, headers, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503 and headers["Retry-After"] == "10"
+    assert "restarting" in body["error"] and "failed to start" not in body["error"]
+    poll(lambda: h.request("GET", "/v1/health", headers=AUTH)[0] == 200, 20, 0.01, "a 200 after the restart")
+    print(f"\ntabby crash -> next 200: {time.monotonic() - crashed:.2f}s")
+    assert h.server.supervisor is not first and first.exited() and h.server.state == "ready"
+    assert list(h.server.restarts) and len(h.commits) == 1  # persisted (and committed) before the restart
+    assert users(h.data / "ee/db.sqlite") == ["owner@example.com", "second@example.com"]
+    assert "tabby exited with code 3 while serving; its last lines:" in caplog.text
+    assert "| llama-server: listening (stand-in)" in caplog.text  # the tail of Tabby's own log
+
+
+def test_tabby_crashing_past_the_restart_limit_gives_up(tmp_path, harness):
+    given_up: list[str] = []
+    h = harness(on_give_up=given_up.append, restart_backoff=0.05)
+    h.server.settings = h.settings.model_copy(update={"restart_limit": 1, "restart_window": 600})
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    assert h.server.start()
+    for _ in range(2):
+        poll(lambda: h.server.state == "ready", 20, 0.01, "serving")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            h.request("POST", "/v1/chat/completions", json={"events": 3, "crash_after": 1}, headers=AUTH)
+    poll(lambda: given_up, 10, 0.01, "the give-up hook")
+    assert "crashed 2 times within 600s" in given_up[0] and "TABBY_MODAL_RESTART_LIMIT=1" in given_up[0]
+    assert h.server.state == "gave_up" and len(h.commits) == 2  # persisted before each restart and at the end
+    status, headers, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503 and "Retry-After" not in headers and "the server exits" in body["error"]
 
 
 def test_stop_while_starting_cancels_the_start(tmp_path, harness):
@@ -254,3 +281,119 @@ def test_a_failing_maintenance_check_fails_closed_then_recovers(tmp_path, harnes
     assert status == 503 and "could not be checked" in body["error"] and "unreachable" in body["error"]
     broken[0] = False
     poll(lambda: (h.server.gate(), h.server.state == "ready")[1], 15, what="start once the check works")
+
+
+# --- config.toml and the JWT secret, checked before Tabby starts (issue 10, items 2 and 6) -------------------
+
+
+def fetch_json(url: str) -> Any:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_config_toml_reaches_tabby_and_the_users_part_survives(tmp_path, harness):
+    h = harness()
+    baked = Path(h.settings.model_cache) / "TabbyML/Nomic-Embed-Text"
+    (baked / "ggml").mkdir(parents=True)
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    user = "[server]\ncompletion_timeout = 60\n"
+    (tmp_path / "seed-root/config.toml").write_text(user)  # the user's own file, in the persisted root
+    mirror.persist(tmp_path / "seed-root", h.data)
+    assert h.server.start()
+    got = fetch_json(f"http://127.0.0.1:{h.settings.internal_port}/debug/config")
+    assert got["embedding_model_id"] == str(baked)  # a local path: no registry lookup at start
+    assert got["embedding_enabled"] == "yes"
+    assert got["completion_model_id"] == "TabbyML/StarCoder-1B"  # the flag (not baked here)
+    h.server.stop()
+    persisted = (h.data / "config.toml").read_text()
+    assert persisted.startswith(user) and str(baked) in persisted
+
+
+def test_invalid_config_toml_is_a_503_and_tabby_never_starts(tmp_path, harness):
+    h = harness()
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    (tmp_path / "seed-root/config.toml").write_text("[model\n")
+    mirror.persist(tmp_path / "seed-root", h.data)
+    assert h.server.start() is False
+    assert h.server.supervisor is None
+    status, _, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503 and "config.toml is not valid TOML" in body["error"]
+
+
+@pytest.mark.parametrize("secret", ["not-a-uuid", "", "0000000-0000-4000-8000-000000000000"])
+def test_jwt_secret_not_a_uuid_is_refused_at_start(tmp_path, harness, monkeypatch, caplog, secret):
+    h = harness()
+    h.server.jwt_secret = None  # from the environment, as on Modal (the Modal secret)
+    monkeypatch.setenv("TABBY_WEBSERVER_JWT_TOKEN_SECRET", secret)
+    with caplog.at_level("ERROR", logger="tabby_modal.server"):
+        assert h.server.start() is False
+    assert h.server.supervisor is None and not h.live.exists()  # neither Tabby nor a hydrate
+    status, headers, body = h.request("GET", "/v1/health", headers=AUTH)
+    assert status == 503 and "Retry-After" not in headers
+    assert "TABBY_WEBSERVER_JWT_TOKEN_SECRET" in body["error"] and "\n" not in body["error"]
+    assert secret == "" or secret not in body["error"]  # the secret itself is never shown
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "TABBY_WEBSERVER_JWT_TOKEN_SECRET" in lines[0]
+
+
+def test_jwt_secret_forms_tabby_accepts():
+    from shared.serving.runtime import jwt_secret_problem
+
+    u = "67e55044-10b1-426f-9247-bb680e5fe0c8"
+    for ok in (None, u, u.upper(), u.replace("-", ""), "{" + u + "}", "urn:uuid:" + u):
+        assert jwt_secret_problem(ok) is None, ok
+    for bad in ("", " " + u, u + "\n", u[:-1], "6-7e55044" + u[9:], "not-a-uuid"):
+        assert jwt_secret_problem(bad), bad
+
+
+# --- the exit budget (issue 10, item 5): Modal gives the exit hook ~30 s -----------------------------------------
+
+
+def test_stop_kills_a_tabby_ignoring_sigterm_at_the_grace_and_logs_each_phase(tmp_path, harness, caplog):
+    h = harness(standin_env={"STANDIN_IGNORE_TERM": "1"})
+    h.server.grace = 1.0  # TABBY_MODAL_STOP_GRACE; past EARLY_PERSIST (0.5 s), so a persist runs alongside
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    assert h.server.start()
+    pgid = h.server.supervisor.pid
+    with caplog.at_level("INFO", logger="tabby_modal"):
+        result = h.server.stop()
+    assert result is not None and result["committed"]
+    assert not group_members(pgid)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "tabby did not stop within 1.0s of SIGTERM: SIGKILL" in lines
+    phases = [x.split(" (")[0] for x in lines if x.startswith(("stop:", "stopped in"))]
+    assert phases[:3] == [
+        "stop: tabby still running after SIGTERM: persisting meanwhile",
+        "stop: tabby stopped",
+        "stop: final persist done",
+    ]
+    assert len(phases) == 4 and phases[3].startswith("stopped in") and "exit budget" in lines[-1]
+    assert len(h.commits) == 1  # the pass during the grace does not commit; the final one does
+
+
+def test_final_persist_past_the_exit_deadline_keeps_the_last_complete_state(tmp_path, harness, caplog):
+    from shared.serving.runtime import FINAL_RESERVE
+
+    h = harness(exit_budget=FINAL_RESERVE)  # no time left for copying once stop() begins
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    assert h.server.start()
+    assert h.server.persist_now() is not None
+    before = mirror.load_manifest(h.data)
+    commits = len(h.commits)
+    assert h.request("POST", "/debug/register", json={"email": "late@example.com"})[0] == 200
+    for i in range(40):  # a large change just before the stop: many files to copy
+        (h.live / f"index/late-{i}.idx").parent.mkdir(exist_ok=True)
+        (h.live / f"index/late-{i}.idx").write_bytes(b"x" * 50_000)
+    with caplog.at_level("INFO", logger="tabby_modal.server"):
+        assert h.server.stop() is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(x.startswith("persist stopped at the exit deadline") for x in lines), lines
+    assert any(x.startswith("stop: final persist not done") for x in lines), lines
+    assert len(h.commits) == commits  # not committed by us (Modal commits after the hook anyway)
+    assert mirror.load_manifest(h.data).seq == before.seq  # the last complete persist is still the one named
+    again = tmp_path / "again"
+    mirror.hydrate(h.data, again)  # what the next container would start from: consistent, the old database
+    assert users(again / "ee/db.sqlite") == ["owner@example.com"]

@@ -177,10 +177,9 @@ def test_config_command_shows_sources_and_redacts_secrets(tmp_path):
 def test_config_with_bad_settings_exits_2_with_one_line(tmp_path):
     proc = run_cli(["config", "--json"], tmp_path, TABBY_MODAL_SCALEDOWN_WINDOW="0")
     assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [
-        "error: TABBY_MODAL_SCALEDOWN_WINDOW: must be between 2 and 3600 seconds, got 0"
-    ]
+    message = "TABBY_MODAL_SCALEDOWN_WINDOW: must be between 2 and 3600 seconds, got 0"
+    assert json.loads(proc.stdout) == {"ok": False, "error": message}  # --json: the refusal as one object
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
 
 
 def test_config_get_prints_one_raw_value(tmp_path):

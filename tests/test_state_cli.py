@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.state.serve_lock import ServeLock
 from shared.state.store import Store
 from tests.conftest import run_cli
 from tests.tabby_root import make_root, tree_state
@@ -30,12 +31,15 @@ def ok(args: list[str], tmp: Path, **env: str) -> dict:
 
 
 def refused(args: list[str], tmp: Path, code: int = 2, **env: str) -> str:
-    """Run a command that must fail: nothing on stdout, one line on stderr."""
+    """Run a command that must fail: one line on stderr; on stdout nothing, or with --json the refusal."""
     proc = run_cli(args, tmp, **env)
     assert proc.returncode == code, (proc.stdout, proc.stderr)
-    assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    if "--json" in args:
+        assert json.loads(proc.stdout) == {"ok": False, "error": lines[0].removeprefix("error: ")}
+    else:
+        assert proc.stdout == ""
     return lines[0]
 
 
@@ -108,13 +112,21 @@ def test_restore_needs_two_signals(box, tmp_path):
     assert res["restored"] == sid and res["safety_snapshot"]
 
 
-def test_restore_and_reset_refuse_while_a_server_may_run_unless_forced(box, tmp_path):
+def test_restore_and_reset_refuse_while_a_server_holds_dir_unless_forced(box, tmp_path):
     d = str(box)
     sid = ok(["snapshot", "--local", d], tmp_path)["id"]
+    server = ServeLock(box).acquire(port=8123)  # what `serve --local DIR` holds for its whole run
     before = tree_state(box)
-    assert "--force" in refused(["restore", sid, "--local", d, "--yes"], tmp_path, **ALLOW)
-    assert "--force" in refused(["reset", "--scope", "auth", "--local", d, "--yes"], tmp_path, **ALLOW)
-    assert tree_state(box) == before
+    try:
+        for args in (["restore", sid], ["reset", "--scope", "auth"]):
+            line = refused([*args, "--local", d, "--yes"], tmp_path, **ALLOW)
+            assert f"while `serve` (pid {os.getpid()} on " in line and "port 8123" in line
+            assert "--force" in line
+        assert tree_state(box) == before
+    finally:
+        server.release()
+    # Free right after the server stops (the persist just before is no reason to refuse).
+    assert ok(["restore", sid, "--local", d, "--yes"], tmp_path, **ALLOW)["restored"] == sid
     res = ok(["reset", "--scope", "auth", "--local", d, "--yes", "--force"], tmp_path, **ALLOW)
     assert res["scope"] == "auth" and res["safety_snapshot"] and not (box / "data/ee").exists()
     assert ok(["inspect", "--local", d], tmp_path)["db"]["present"] is False
@@ -174,6 +186,11 @@ def test_unknown_snapshot_is_refused_with_nothing_written(box, tmp_path, sid):
 def test_hydrate_and_its_refusal(box, tmp_path):
     res = ok(["hydrate", "--local", str(box), "--root", str(tmp_path / "back")], tmp_path)
     assert res["fresh"] is False and res["databases"] == {"ee/db.sqlite": "ok"}
+    assert "no such directory" in refused(
+        ["hydrate", "--local", str(tmp_path / "empty"), "--root", str(tmp_path / "new")], tmp_path
+    )
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty/data").mkdir(parents=True)  # a folder with an empty data dir: a fresh instance
     fresh = ok(["hydrate", "--local", str(tmp_path / "empty"), "--root", str(tmp_path / "new")], tmp_path)
     assert fresh["fresh"] is True
     (box / "data/config.toml").write_text("tampered\n")

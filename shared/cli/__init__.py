@@ -3,6 +3,8 @@ or on Modal. Each module below adds its own subcommands to `cli`; the work itsel
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
@@ -12,7 +14,29 @@ def cli() -> None:
 
 
 def main() -> None:
-    # Imported here so each module registers its commands on `cli` exactly once.
-    from shared.cli import maintenance, serve, setup, state, status, upgrade, warm  # noqa: F401
+    """Every way out is one `error:` line and an exit code: 2 for bad input (also click's usage errors, with
+    `{"ok": false, ...}` on stdout under `--json`), 130 for Ctrl-C."""
+    from shared.cli.common import EXIT_INTERRUPTED, EXIT_REFUSED, fail
 
-    cli(prog_name="tabby-modal")
+    as_json = "--json" in sys.argv[1:]
+    try:
+        # Imported here so each module registers its commands on `cli` exactly once.
+        from shared.cli import maintenance, serve, setup, state, status, upgrade, warm  # noqa: F401
+
+        code = cli.main(prog_name="tabby-modal", standalone_mode=False)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED, as_json)
+    except click.exceptions.Abort as err:  # click's form of Ctrl-C (or end of input at a prompt)
+        if isinstance(err.__context__, KeyboardInterrupt):
+            fail("interrupted", EXIT_INTERRUPTED, as_json)
+        fail("aborted: no input", EXIT_REFUSED, as_json)
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `tabby-modal`: the help, as `-h` prints it
+        click.echo(err.ctx.get_help() if err.ctx is not None else "")
+        sys.exit(0)
+    except click.UsageError as err:
+        hint = f" (see `{err.ctx.command_path} -h`)" if err.ctx is not None else ""
+        message = " ".join(err.format_message().split()).rstrip(".")  # click's choice lists span lines
+        fail(f"{message}{hint}", EXIT_REFUSED, as_json)
+    except click.ClickException as err:
+        fail(err.format_message(), err.exit_code, as_json)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -8,13 +8,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from shared.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_REFUSED = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 ALLOW_DESTRUCTIVE_ENV = "TABBY_MODAL_ALLOW_DESTRUCTIVE"
 NO_CREDENTIALS = "No Modal credentials: run `modal token new` or set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
 
@@ -41,6 +42,20 @@ def emit(
         return
     text = human(result) if callable(human) else human
     click.echo(text if text is not None else json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+LOCK_NAMES = {
+    "maintenance": "maintenance lease",
+    "store": "store lease",
+    "store_file": "store lock (backups/lock.json)",
+}
+
+
+def lock_line(key: str, rec: dict[str, Any]) -> str:
+    """`store lease: snapshot by host:123 since ..., expires in 280s (its process is gone)`."""
+    what = rec.get("describe") or rec.get("malformed") or "?"
+    why = f" ({rec['why']})" if rec.get("why") else ""
+    return f"{LOCK_NAMES.get(key, key)}: {what}{why}"
 
 
 def get_settings(**overrides: Any) -> Settings:
@@ -106,18 +121,28 @@ def local_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def fail(message: str, code: int, as_json: bool) -> NoReturn:
+    """The end of a refused run: `error: ...` on stderr, with `--json` also `{"ok": false, "error": ...}` on
+    stdout, and the exit code."""
+    say(f"error: {message}")
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message}, sort_keys=True))
+    sys.exit(code)
+
+
 def handled(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn CommandError (and bad settings) into one stderr line and the exit code."""
+    """Turn CommandError (and bad settings) into one stderr line and the exit code; Ctrl-C exits 130."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return f(*args, **kwargs)
         except CommandError as err:
-            say(f"error: {err}")
-            sys.exit(err.code)
+            fail(str(err), err.code, as_json)
         except SettingsError as err:
-            say(f"error: {err}")
-            sys.exit(EXIT_REFUSED)
+            fail(str(err), EXIT_REFUSED, as_json)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED, as_json)
 
     return wrapper

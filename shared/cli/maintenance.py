@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from shared.cli import cli
-from shared.cli.common import CommandError, emit, handled, json_option, local_option, say
-from shared.cli.state import ops_for, run_op
+from shared.cli.common import CommandError, emit, handled, json_option, local_option, lock_line, say
+from shared.cli.state import kept_only_on_success, ops_for, run_op
 from shared.state.progress import mib
 
 
@@ -48,8 +48,9 @@ def export_cmd(snapshot: str, out: str, local: str | None, as_json: bool) -> Non
 @handled
 def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> None:
     """Store a .tar.gz of a Tabby root (an export, or a self-hosted ~/.tabby) as a new snapshot."""
-    ops = ops_for(local)
-    result = run_op(lambda: ops.import_archive(Path(archive), label))
+    with kept_only_on_success(local):
+        ops = ops_for(local, creates=True)
+        result = run_op(lambda: ops.import_archive(Path(archive), label))
 
     def human(r: dict[str, Any]) -> str:
         return (
@@ -61,20 +62,26 @@ def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> No
 
 
 @cli.command("unlock")
-@click.option("--yes", is_flag=True, help="Also break a lease that has not expired (its run must be dead).")
+@click.option("--yes", is_flag=True, help="Also break locks whose holder may still run (it must be dead).")
 @local_option
 @json_option
 @handled
 def unlock_cmd(yes: bool, local: str | None, as_json: bool) -> None:
-    """Break the maintenance and store leases a crashed run left behind (expired ones go without --yes)."""
+    """Break the store and maintenance locks a crashed run left behind.
+
+    A holder that is provably gone (its process ended on this host, or its lease expired) is broken without
+    `--yes`; one that may still run is only named, and `--yes` breaks it too (be sure its run is dead).
+    """
     ops = ops_for(local)
     status = run_op(ops.locks_status)
-    live = [f"{key}: {rec['describe']}" for key, rec in status.items() if rec and rec.get("live")]
+    live = [lock_line(key, rec) for key, rec in status.items() if rec and rec.get("live")]
     if live and not yes:
         raise CommandError(
-            f"lease still live ({'; '.join(live)}): if that run is dead, `tabby-modal unlock --yes`"
+            f"lock still live: {'; '.join(live)}. If that run is dead, `tabby-modal unlock --yes` breaks it"
         )
-    result = run_op(ops.unlock)
+    result = run_op(lambda: ops.unlock(force=yes))
     for key, rec in result["broken"].items():
-        say(f"broke the {key} lease: {rec.get('op', '?')} by {rec.get('owner', '?')}")
-    emit(result, as_json, "no lease was held" if not result["broken"] else "unlocked")
+        say(f"broke the {lock_line(key, rec)}")
+    for key, rec in result.get("held", {}).items():
+        say(f"left the {lock_line(key, rec)}: a run took it meanwhile")
+    emit(result, as_json, "no lock was held" if not result["broken"] else "unlocked")

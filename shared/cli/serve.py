@@ -63,16 +63,34 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
 @handled
 def serve_cmd(local: str, port: int | None, host: str) -> None:
     """Run Tabby behind the proxy on this machine (needs TABBY_BIN or `tabby` on PATH)."""
-    from shared.logs import setup_logging
-    from shared.serving.runtime import TabbyServer
     from shared.serving.supervisor import find_tabby
-    from shared.state import lease
+    from shared.state.atomic import StateError
+    from shared.state.serve_lock import ServeLock
 
     settings = get_settings()
     tabby = find_tabby(settings.tabby_bin)
     if tabby is None:
         raise CommandError(f"Tabby not found ({settings.tabby_bin!r}): {INSTALL_HINT}")
     dirs = settings.local_dirs(local)
+    port = settings.local_port if port is None else port
+    # DIR is ours for the whole run, taken before anything in it is touched: a second `serve` refuses here.
+    owner = ServeLock(dirs["root"])
+    try:
+        owner.acquire(port=port)
+    except StateError as err:
+        raise CommandError(f"refused: {err}; stop it first") from None
+    try:
+        code = _run(settings, dirs, tabby, host, port)
+    finally:
+        owner.release()
+    raise SystemExit(code)
+
+
+def _run(settings: Settings, dirs: dict[str, Path], tabby: str, host: str, port: int) -> int:
+    from shared.logs import setup_logging
+    from shared.serving.runtime import TabbyServer
+    from shared.state import lease
+
     dirs["data"].mkdir(parents=True, exist_ok=True)
     server = TabbyServer(
         settings,
@@ -88,8 +106,7 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
     setup_logging()
     from shared.serving.host import run
 
-    code = run(_serve(server, host, settings.local_port if port is None else port))  # on uvloop
-    raise SystemExit(code)
+    return run(_serve(server, host, port))  # on uvloop
 
 
 async def _serve(server, host: str, port: int) -> int:
@@ -100,6 +117,8 @@ async def _serve(server, host: str, port: int) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Tabby crashed more often than TABBY_MODAL_RESTART_LIMIT allows: stop, persist, exit 1.
+    server.on_give_up = lambda reason: loop.call_soon_threadsafe(stop.set)
     web = AsgiHost(server.app(), host, port)
     try:
         await web.start()
@@ -123,6 +142,9 @@ async def _serve(server, host: str, port: int) -> int:
                         f"serve: no owner yet: open {url}/_setup?token=<TABBY_MODAL_SETUP_TOKEN> and register"
                     )
                 await stopped
+                if server.state == "gave_up":
+                    say(f"error: {server.reason}")
+                    code = 1
             elif server.state == "failed":
                 say(f"error: {server.reason}")
                 code = 1
@@ -133,8 +155,13 @@ async def _serve(server, host: str, port: int) -> int:
         stopped.cancel()
     finally:
         say("serve: stopping Tabby and persisting its state")
-        await loop.run_in_executor(None, server.stop)
+        persisted = await loop.run_in_executor(None, server.stop)
         await web.stop()
-    if code == 0:
+    if server.persist_error is not None:
+        say(f"error: the last persist failed, {server.data_dir} keeps what it had: {server.persist_error}")
+        return 1
+    if persisted is not None:
         say(f"serve: stopped; state persisted to {server.data_dir}")
+    else:
+        say("serve: stopped; Tabby never ran, nothing to persist")
     return code

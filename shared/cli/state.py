@@ -7,6 +7,7 @@ to Modal through `shared.operations.remote`. Exit codes: 0 done, 1 verify found 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from shared.cli.common import (
     handled,
     json_option,
     local_option,
+    lock_line,
     require_modal_credentials,
 )
 from shared.operations.forms import open_ops
@@ -41,10 +43,51 @@ def _refusals() -> Iterator[None]:
         raise CommandError(f"{err.strerror or err}: {err.filename}" if err.filename else str(err)) from None
 
 
-def ops_for(local: str | None) -> Any:
-    """The local form on DIR/data and DIR/backups, or the deployed maintenance app (credentials checked first)."""
+# Folders a `--local DIR` holds; a DIR with none of them is not one (a typo, or the wrong folder).
+STORE_PARTS = ("data", "backups", "locks")
+CREATORS = "`persist`, `import` and `serve` start one"
+
+
+def check_local(local: str, creates: bool = False) -> None:
+    """Refuse a `--local DIR` that is not a tabby-modal folder, unless the command starts one on purpose."""
+    root = Path(local)
+    if root.exists() and not root.is_dir():
+        raise CommandError(f"--local {local}: not a directory")
+    if creates:
+        return
+    if not root.is_dir():
+        raise CommandError(f"--local {local}: no such directory ({CREATORS})")
+    if not any((root / part).is_dir() for part in STORE_PARTS):
+        raise CommandError(
+            f"--local {local}: not a tabby-modal folder (no {', '.join(p + '/' for p in STORE_PARTS)} in it; "
+            f"{CREATORS})"
+        )
+
+
+@contextlib.contextmanager
+def kept_only_on_success(local: str | None) -> Iterator[None]:
+    """A command that starts a new `--local DIR` and then fails leaves no DIR behind (only empty folders go)."""
+    fresh = None  # the outermost folder of DIR's path that does not exist yet
+    here = Path(local).absolute() if local is not None else None
+    while here is not None and not here.exists() and here != here.parent:
+        fresh, here = here, here.parent
+    try:
+        yield
+    except BaseException:
+        if fresh is not None:
+            for folder, _, _ in sorted(os.walk(fresh), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise
+
+
+def ops_for(local: str | None, *, creates: bool = False) -> Any:
+    """The local form on DIR/data and DIR/backups, or the deployed maintenance app (credentials checked first).
+    A `--local DIR` must already be a tabby-modal folder unless the command `creates` one (see `check_local`)."""
     if local is None:
         require_modal_credentials()
+    else:
+        check_local(local, creates)
     with _refusals():
         return open_ops(get_settings(), local)
 
@@ -73,8 +116,9 @@ def _require_local(local: str | None, command: str) -> None:
 def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
     """Mirror a live TABBY_ROOT into DIR/data: DB through SQLite's backup API, changed files only, manifest last."""
     _require_local(local, "persist")
-    ops = ops_for(local)
-    result = run_op(lambda: ops.persist(Path(root)))
+    with kept_only_on_success(local):
+        ops = ops_for(local, creates=True)
+        result = run_op(lambda: ops.persist(Path(root)))
 
     def human(r: dict[str, Any]) -> str:
         what = (
@@ -95,6 +139,8 @@ def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
 def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
     """Lay DIR/data's last persisted state down at LIVE_ROOT, checked against its manifest first."""
     _require_local(local, "hydrate")
+    if Path(root).exists() and not Path(root).is_dir():
+        raise CommandError(f"--root {root}: not a directory")
     ops = ops_for(local)
     result = run_op(lambda: ops.hydrate(Path(root)))
 
@@ -304,8 +350,9 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
         if snaps:
             lines.append(f"snapshots: {snaps['count']}, store {mib(snaps['bytes'])}")
         for key, held in (r.get("locks") or {}).items():
-            if held and held.get("live"):
-                lines.append(f"{key} lock: {held['describe']}")
+            if held:
+                state = "" if held.get("live") else "; stale, `tabby-modal unlock` breaks it"
+                lines.append(f"{lock_line(key, held)}{state}")
         return "\n".join(lines)
 
     emit(result, as_json, human)

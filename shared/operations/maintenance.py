@@ -7,7 +7,8 @@
 - **Leases** (`shared.state.lease`, a modal.Dict): `restore` and `reset` hold the `maintenance` lease for their whole run,
   which the server checks before it starts; every run that writes the backups store holds the `store` lease, so a
   scheduled snapshot in one container and a prune in another never interleave.
-- **Never two writers of /data.** `restore` and `reset` refuse while the server app has running containers.
+- **Never two writers of /data.** `restore` and `reset` refuse while the server app has running containers
+  (locally: while `serve --local DIR` holds DIR's serve lock, `shared.state.serve_lock`).
 - **Confirmation.** `restore`, `reset` and `prune` (not dry-run) need `confirm` equal to the data Volume's name:
   `tabby-modal` passes it after its two-signal check; an ad hoc `modal run` must spell it out.
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.operations import versions
 from shared.operations.local import LocalOps
-from shared.state import archive, lease
+from shared.state import archive, lease, locks, serve_lock
 from shared.state.atomic import StateError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tabby_modal.maintenance")
 
-STORE_WAIT = 600.0  # seconds a run waits for another container's store work before it gives up
+STORE_WAIT = 600.0  # default wait for another run's store work (the `lock_wait` setting)
 TRANSFER_DIR = "transfer"  # in the backups Volume: archives on their way in or out
 
 
@@ -54,6 +55,7 @@ class Maintenance:
         data: VolumeLike | None = None,
         backups: VolumeLike | None = None,
         server_containers: Callable[[], int] | None = None,
+        serve_dir: Path | None = None,
         store_wait: float | None = None,
     ) -> None:
         self.ops = ops
@@ -63,6 +65,7 @@ class Maintenance:
         self.data = data
         self.backups = backups
         self.server_containers = server_containers
+        self.serve_dir = serve_dir  # locally: the DIR whose serve lock says whether `serve --local DIR` runs
         self.store_wait = STORE_WAIT if store_wait is None else store_wait
 
     # --- plumbing ---------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ class Maintenance:
         """Hold the store lease, reload the backups Volume, and commit it at the end (also after a failure: what a
         failed run wrote is either complete or ignored by readers, and a safety snapshot must not be lost), then
         `then`, the data Volume when the run also wrote /data: its safety snapshot is published first."""
-        with self._lease(lease.STORE, op, wait=self.store_wait):
+        with self._lease(lease.STORE, op, wait=self.store_wait) as held, locks.vouched_by(held.vouch()):
             self._reload(self.backups, then)
             try:
                 yield
@@ -105,6 +108,12 @@ class Maintenance:
             )
 
     def _server_stopped(self, action: str, force: bool) -> None:
+        if self.serve_dir is not None:
+            record = serve_lock.holder(self.serve_dir)
+            if record is not None and not force:
+                raise StateError(serve_lock.refusal(self.serve_dir, action, record))
+            if record is not None:
+                log.warning("%s while %s serves: --force", action, serve_lock.describe(record))
         if self.server_containers is None:
             return
         try:
@@ -134,7 +143,7 @@ class Maintenance:
 
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         self._reload(self.data, self.backups)
-        result = {**self.ops.inspect(snapshot_id), "locks": lease.status(self.locks)}
+        result = {**self.ops.inspect(snapshot_id), "locks": self._locks_status()}
         return versions.annotate(result, self.ops.backups_dir)  # which Tabby runs / wrote this database
 
     def verify(self, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
@@ -145,8 +154,18 @@ class Maintenance:
 
     # --- writes to the backups store --------------------------------------------------------------------------
 
+    def _need_data_dir(self) -> None:
+        """Refused before any lock is taken, so a run that cannot work creates nothing (no lock dirs, no store)."""
+        if not self.ops.data_dir.is_dir():
+            raise StateError(f"data dir {self.ops.data_dir} does not exist")
+
+    def _need_store(self) -> None:
+        if not self.ops.backups_dir.is_dir():
+            raise StateError(f"no snapshots yet (no backups store at {self.ops.backups_dir})")
+
     def snapshot(self, label: str = "manual") -> dict[str, Any]:
         """Allowed while the server runs: it takes the last complete persist (manifest-consistent)."""
+        self._need_data_dir()
         with self._writing_store("snapshot"):
             self._reload(self.data)
             return self.ops.snapshot(label)
@@ -154,8 +173,9 @@ class Maintenance:
     def prune(
         self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False, confirm: str = ""
     ) -> dict[str, Any]:
+        self._reload(self.backups)
+        self._need_store()
         if dry_run:
-            self._reload(self.backups)
             return self.ops.prune(keep_last, keep_daily, keep_weekly, dry_run=True)
         self._confirm("prune", confirm)
         with self._writing_store("prune"):
@@ -183,6 +203,8 @@ class Maintenance:
         self, path: Path, label: str = "import", *, remove_after: bool = False
     ) -> dict[str, Any]:
         """Store a .tar(.gz) of a Tabby root as a new snapshot; `remove_after` deletes the archive either way."""
+        if not Path(path).is_file():
+            raise StateError(f"{path}: no such file")
         with self._writing_store("import"):
             try:
                 return archive.import_archive(
@@ -237,17 +259,42 @@ class Maintenance:
 
     def reset(self, scope: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
         self._confirm(f"reset --scope {scope}", confirm)
+        self._reload(self.data)
+        self._need_data_dir()
         with self._writing_data(f"reset {scope}", force):
             return self.ops.reset(scope, force=force, guard=self.server_containers is None)
 
     # --- leases -----------------------------------------------------------------------------------------------
 
-    def locks_status(self) -> dict[str, Any]:
-        return lease.status(self.locks)
+    def _file_lock_vouch(self) -> locks.Vouch:
+        """Judges the store lock file's holder by its lease in our Dict (we hold no lease ourselves)."""
+        return locks.Vouch(fields={}, gone=lambda info: lease.holder_gone(self.locks, info))
 
-    def unlock(self) -> dict[str, Any]:
-        """Break both leases (a crashed run's, or one you know is dead): {broken: {key: record}}."""
-        return lease.break_all(self.locks)
+    def locks_status(self) -> dict[str, Any]:
+        """Both leases and the store's lock file (`backups/lock.json`): {key: record with live/why/describe}."""
+        self._reload(self.backups)
+        return self._locks_status()
+
+    def _locks_status(self) -> dict[str, Any]:
+        file_lock = locks.status(self.ops.backups_dir, self.lock_ttl, self._file_lock_vouch())
+        return {**lease.status(self.locks), "store_file": file_lock}
+
+    def unlock(self, force: bool = False) -> dict[str, Any]:
+        """Break the leases and the store lock file whose holders are gone; with `force` the live ones too:
+        {broken: {key: record}, held: {key: record}}."""
+        self._reload(self.backups)
+        result = lease.break_leases(self.locks, force)
+        if force:
+            gone = locks.break_lock(self.ops.backups_dir)
+        else:
+            gone = locks.break_if_stale(self.ops.backups_dir, self.lock_ttl, self._file_lock_vouch())
+            still = locks.read_lock(self.ops.backups_dir)
+            if still is not None:
+                result["held"]["store_file"] = still
+        if gone is not None:
+            result["broken"]["store_file"] = gone
+            self._commit(self.backups)
+        return result
 
     # --- local only -------------------------------------------------------------------------------------------
 
@@ -259,13 +306,21 @@ class Maintenance:
 
 
 def for_local(settings: Settings, local: str | Path | None) -> Maintenance:
-    """The `--local DIR` form: DIR/data, DIR/backups, leases in DIR/locks, no Volumes, no server check."""
+    """The `--local DIR` form: DIR/data, DIR/backups, leases in DIR/locks, no Volumes; the server check is DIR's
+    serve lock (held while `serve --local DIR` runs)."""
     dirs = settings.local_dirs(local)
     return Maintenance(
-        LocalOps(dirs["data"], dirs["backups"], lock_ttl=settings.lock_ttl),
+        LocalOps(
+            dirs["data"],
+            dirs["backups"],
+            lock_ttl=settings.lock_ttl,
+            progress_interval=settings.progress_interval,
+        ),
         locks=lease.DirDict(dirs["root"] / "locks"),
         data_volume_name=settings.data_volume,
         lock_ttl=settings.lock_ttl,
+        serve_dir=dirs["root"],
+        store_wait=settings.lock_wait,
     )
 
 
@@ -295,6 +350,7 @@ def for_modal(settings: Settings, *, data: VolumeLike, backups: VolumeLike) -> M
             Path(settings.backups_mount),
             lock_ttl=settings.lock_ttl,
             lock_wait=60.0,
+            progress_interval=settings.progress_interval,
         ),
         locks=lease.modal_dict(settings),
         data_volume_name=settings.data_volume,
@@ -302,6 +358,7 @@ def for_modal(settings: Settings, *, data: VolumeLike, backups: VolumeLike) -> M
         data=data,
         backups=backups,
         server_containers=server_containers(settings),
+        store_wait=settings.lock_wait,
     )
 
 

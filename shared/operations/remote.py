@@ -11,13 +11,14 @@ Three Modal objects make the seam (`lookup`, `backups`, `locks`): tests hand in 
 from __future__ import annotations
 
 import contextlib
+import io
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.operations.maintenance import TRANSFER_DIR
-from shared.state import archive, lease
+from shared.state import archive, lease, locks
 from shared.state.atomic import StateError
 
 if TYPE_CHECKING:
@@ -163,8 +164,27 @@ class RemoteOps:
 
     # --- leases -----------------------------------------------------------------------------------------------
 
-    def locks_status(self) -> dict[str, Any]:
-        return lease.status(self.locks)
+    def _file_lock(self) -> dict[str, Any] | None:
+        """The store's lock file in the backups Volume, judged by its holder's lease in the Dict."""
+        buf = io.BytesIO()
+        try:
+            self.backups.read_file_into_fileobj(locks.LOCK_NAME, buf)
+        except FileNotFoundError:
+            return None
+        vouch = locks.Vouch(fields={}, gone=lambda info: lease.holder_gone(self.locks, info))
+        return locks.judged(locks.parse(buf.getvalue()), self.settings.lock_ttl, vouch)
 
-    def unlock(self) -> dict[str, Any]:
-        return lease.break_all(self.locks)
+    def locks_status(self) -> dict[str, Any]:
+        return {**lease.status(self.locks), "store_file": self._file_lock()}
+
+    def unlock(self, force: bool = False) -> dict[str, Any]:
+        """Break the leases and the lock file whose holders are gone; with `force` the live ones too."""
+        result = lease.break_leases(self.locks, force)
+        file_lock = self._file_lock()
+        if file_lock is not None and (force or not file_lock["live"]):
+            with contextlib.suppress(FileNotFoundError):
+                self.backups.remove_file(locks.LOCK_NAME)
+            result["broken"]["store_file"] = file_lock
+        elif file_lock is not None:
+            result["held"]["store_file"] = file_lock
+        return result

@@ -5,6 +5,10 @@
     start Tabby        -> `tabby serve` on 127.0.0.1, requests get 503 + Retry-After until its port answers
     serve              -> OwnerGuard(Proxy) in front of it
     persist            -> every `persist_interval` s, then the commit hook (on Modal: `volume.commit()`)
+    Tabby crashes      -> persist, restart it with backoff (503 "restarting" + Retry-After meanwhile); more than
+                          `restart_limit` restarts within `restart_window` s: give up, persist, and `on_give_up`
+                          (on Modal: the container exits and Modal starts a fresh one)
+    data dir replaced  -> (a forced restore/reset, another writer) stop Tabby, never persist over it, 503 saying so
     stop               -> stop Tabby, persist once more, commit
 
 Tabby's root lives on local disk, never on the Volume (SQLite WAL and Tantivy locks on a network filesystem are
@@ -14,17 +18,31 @@ served as a 503 carrying the reason, so a broken start does not turn into a cras
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared.serving import tabby_config
 from shared.serving.guard import OwnerGuard
 from shared.serving.proxy import ASGIApp, Proxy, Refusal
-from shared.serving.supervisor import Supervisor, TabbyStartError, build_command, build_env, find_tabby
+from shared.serving.supervisor import (
+    JWT_ENV,
+    Supervisor,
+    TabbyStartError,
+    build_command,
+    build_env,
+    find_tabby,
+)
+from shared.serving.tabby_config import TabbyConfigError
 from shared.settings import Settings
+from shared.state.progress import Progress
 
 log = logging.getLogger("tabby_modal.server")
 
@@ -33,8 +51,29 @@ STARTUP_MARGIN = 600  # Modal's startup budget = Tabby's + this, for hydrating /
 MAINTENANCE_RECHECK = 15.0
 RETRY_STARTING = 10
 RETRY_MAINTENANCE = 60
+RESTART_BACKOFF = 0.5  # seconds before the first restart of a crashed Tabby; doubles with each recent restart
+RESTART_BACKOFF_MAX = 30.0
+EXIT_FALLBACK = 120.0  # after asking Modal's runtime to shut the container down, os._exit if still alive
 
 MaintenanceCheck = Callable[[], str | None]
+# Of the exit budget, what the final persist leaves after its last file copy: the database copy and check, the
+# index metas, the manifest and our commit. Modal's own commit comes after the hook, inside Modal's ~30 s.
+FINAL_RESERVE = 3.0
+EARLY_PERSIST = 0.5  # seconds after SIGTERM before a Tabby still up gets a persist pass during its grace
+# The forms Tabby's `Uuid::parse_str` (uuid crate) accepts: hyphenated, 32 hex digits, braced, urn.
+_HYPHENATED = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_UUID = re.compile(rf"(?:urn:uuid:)?{_HYPHENATED}|\{{{_HYPHENATED}\}}|[0-9a-f]{{32}}", re.IGNORECASE)
+
+
+def jwt_secret_problem(secret: str | None) -> str | None:
+    """Why Tabby would reject this JWT secret (it parses it as a UUID at the first login, then exits), or None."""
+    if secret is None or _UUID.fullmatch(secret):
+        return None
+    what = "is set but empty" if secret == "" else "is not a UUID"
+    return (
+        f"{JWT_ENV} {what}, so Tabby would exit at the first login; put a UUID in the Modal secret "
+        "(`make rotate-jwt-secret`) and restart"
+    )
 
 
 class TabbyServer:
@@ -52,7 +91,10 @@ class TabbyServer:
         commit: Callable[[], None] | None = None,
         maintenance_check: MaintenanceCheck | None = None,
         maintenance_recheck: float = MAINTENANCE_RECHECK,
-        grace: float = 10.0,
+        grace: float | None = None,
+        exit_budget: float | None = None,
+        on_give_up: Callable[[str], None] | None = None,
+        restart_backoff: float = RESTART_BACKOFF,
     ) -> None:
         self.settings = settings
         # Absolute: Tabby runs with its root as working directory, where a relative TABBY_ROOT would nest.
@@ -64,13 +106,23 @@ class TabbyServer:
         self.commit = commit
         self.maintenance_check = maintenance_check
         self.maintenance_recheck = maintenance_recheck
-        self.grace = grace
-        self.state = "new"  # new, maintenance, hydrating, starting, ready, failed, stopping, stopped
+        self.grace = settings.stop_grace if grace is None else grace
+        self.exit_budget = settings.exit_budget if exit_budget is None else exit_budget
+        self._deadline: float | None = None  # set by stop(): persists give up between two files after it
+        self.on_give_up = on_give_up
+        self.restart_backoff = restart_backoff
+        # new, maintenance, hydrating, starting, ready, restarting, failed, gave_up, superseded, stopping, stopped
+        self.state = "new"
         self.reason: str | None = None
         self.supervisor: Supervisor | None = None
         self.last_persist: dict[str, Any] | None = None
         self.persist_count = 0
+        self.persist_error: str | None = None  # why the last persist failed; None after a good one
+        self.restarts: collections.deque[float] = collections.deque()  # monotonic times of recent restarts
+        self._seq: int | None = None  # the persist manifest's number as we hydrated or last wrote it
+        self._watcher: threading.Thread | None = None
         self._hydrated = False
+        self._skip_flags: frozenset[str] = frozenset()  # model flags the user's config.toml overrides
         self._epoch: str | None = None
         self._stopping = threading.Event()
         self._start_lock = threading.Lock()
@@ -104,11 +156,13 @@ class TabbyServer:
         state = self.state
         if state == "ready":
             sup = self.supervisor
-            if sup is not None and sup.exited():
-                self.state, self.reason = "failed", "tabby exited unexpectedly; see the server logs"
-                log.error("tabby exited unexpectedly while serving")
-                return Refusal(f"Tabby is not running: {self.reason}", retry_after=None)
+            if sup is not None and sup.exited():  # the watcher is on it: this request need not wait for it
+                return Refusal("Tabby is restarting (it exited); retry shortly", retry_after=RETRY_STARTING)
             return None
+        if state == "restarting":
+            return Refusal(f"Tabby is restarting ({self.reason}); retry shortly", retry_after=RETRY_STARTING)
+        if state in ("gave_up", "superseded"):
+            return Refusal(f"Tabby is not running: {self.reason}", retry_after=None)
         if state == "maintenance":
             self._recheck_maintenance()
             return Refusal(
@@ -128,6 +182,9 @@ class TabbyServer:
         with self._start_lock:
             if self.state not in ("new", "maintenance") or self._stopping.is_set():
                 return self.state == "ready"
+            problem = jwt_secret_problem(self.jwt_secret or os.environ.get(JWT_ENV))
+            if problem:
+                return self._fail(problem)  # before Tabby runs: it would exit at the first login instead
             reason = self._maintenance_reason()
             if reason:
                 self.state, self.reason = "maintenance", reason
@@ -140,6 +197,7 @@ class TabbyServer:
                 started = time.monotonic()
                 result = mirror.hydrate(self.data_dir, self.live_root)
                 self._epoch = result.get("epoch")
+                self._seq = result.get("seq")
                 self._hydrated = True
                 log.info(
                     "hydrated %s from %s: %s (%.2fs)",
@@ -150,17 +208,14 @@ class TabbyServer:
                 )
             except Exception as err:
                 return self._fail(f"hydrating {self.live_root} from {self.data_dir} failed: {err}")
+            try:
+                self._skip_flags = tabby_config.write(self.settings, self.live_root).skip_flags
+            except (TabbyConfigError, OSError) as err:
+                return self._fail(str(err))
             if self._stopping.is_set():
                 return False
             self.state = "starting"
-            self.supervisor = Supervisor(
-                build_command(self.settings, self.tabby_bin),
-                build_env(self.settings, self.live_root, self.jwt_secret),
-                port=self.settings.internal_port,
-                startup_timeout=self.settings.startup_timeout,
-                grace=self.grace,
-                cwd=self.live_root,
-            )
+            self.supervisor = self._new_supervisor()
             try:
                 self.supervisor.start()
                 self.supervisor.wait_ready(cancel=self._stopping)
@@ -169,7 +224,19 @@ class TabbyServer:
             self._persister = threading.Thread(target=self._persist_loop, name="persister", daemon=True)
             self._persister.start()
             self.state = "ready"
+            self._watcher = threading.Thread(target=self._watch, name="tabby-watch", daemon=True)
+            self._watcher.start()
             return True
+
+    def _new_supervisor(self) -> Supervisor:
+        return Supervisor(
+            build_command(self.settings, self.tabby_bin, skip=self._skip_flags),
+            build_env(self.settings, self.live_root, self.jwt_secret),
+            port=self.settings.internal_port,
+            startup_timeout=self.settings.startup_timeout,
+            grace=self.grace,
+            cwd=self.live_root,
+        )
 
     def start_in_background(self) -> threading.Thread:
         """Start in a thread, so the proxy can answer 503 "starting" meanwhile (local serve)."""
@@ -203,19 +270,115 @@ class TabbyServer:
         self._maintenance_checked = time.monotonic()
         self.start_in_background()
 
+    # --- crash recovery ------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Wait for Tabby to exit; unless the server is stopping it, bring it back (`_recover`)."""
+        while True:
+            sup = self.supervisor
+            if sup is None or sup.pid is None:
+                return
+            code = _wait_exit(sup.pid)
+            if self._stopping.is_set() or self.state != "ready":
+                return
+            if not self._recover(sup, code):
+                return
+
+    def _recover(self, crashed: Supervisor, code: int | None) -> bool:
+        """Persist, then restart Tabby after a backoff, until it serves again (True) or the restart limit is
+        reached (give up: False) or the server stops. Requests get 503 "restarting" meanwhile."""
+        limit, window = self.settings.restart_limit, self.settings.restart_window
+        with self._start_lock:  # stop() waits for a restart step to end (each one watches `_stopping`)
+            if self._stopping.is_set() or self.state != "ready":
+                return False
+            how = "unknown status" if code is None else f"code {code}" if code >= 0 else f"signal {-code}"
+            self.state, self.reason = "restarting", f"it exited with {how}"
+            lines = "".join(f"\n  | {line}" for line in crashed.tail()[-20:])
+            log.error("tabby exited with %s while serving; its last lines:%s", how, lines)
+            crashed.stop()  # what is left of its process group (llama-server children)
+            while True:
+                now = time.monotonic()
+                while self.restarts and now - self.restarts[0] > window:
+                    self.restarts.popleft()
+                if len(self.restarts) >= limit:
+                    self._give_up(
+                        f"tabby crashed {len(self.restarts) + 1} times within {window}s "
+                        f"(TABBY_MODAL_RESTART_LIMIT={limit}, TABBY_MODAL_RESTART_WINDOW={window})"
+                    )
+                    return False
+                self.persist_now()  # first: keep what the crashed Tabby wrote
+                if self._stopping.is_set() or self.state == "superseded":
+                    return False
+                delay = min(self.restart_backoff * 2 ** len(self.restarts), RESTART_BACKOFF_MAX)
+                self.restarts.append(now)
+                log.warning(
+                    "restarting tabby in %.1fs (restart %d of at most %d within %ds)",
+                    delay,
+                    len(self.restarts),
+                    limit,
+                    window,
+                )
+                if self._stopping.wait(delay):
+                    return False
+                self.supervisor = self._new_supervisor()
+                try:
+                    self.supervisor.start()
+                    self.supervisor.wait_ready(cancel=self._stopping)
+                except TabbyStartError as err:
+                    if self._stopping.is_set():
+                        return False
+                    self.reason = f"its restart failed: {err.reason}"
+                    log.error("tabby restart failed: %s", err.reason)
+                    self.supervisor.stop()
+                    continue
+                self.state, self.reason = "ready", None
+                log.info("tabby restarted: serving again")
+                return True
+
+    def _give_up(self, why: str) -> None:
+        self.state, self.reason = "gave_up", f"{why}; the server exits"
+        log.error("giving up on tabby: %s", why)
+        self.persist_now()
+        if self.on_give_up is not None:
+            self.on_give_up(self.reason)
+
     # --- persist -------------------------------------------------------------------------------------------
-    def persist_now(self) -> dict[str, Any] | None:
-        """One persist of the live root into the data dir, then the commit hook. Never raises: logs instead."""
+    def persist_now(self, *, commit: bool = True) -> dict[str, Any] | None:
+        """One persist of the live root into the data dir, then the commit hook (unless `commit` is False).
+        Never raises: logs instead."""
         if not self._hydrated:
             return None  # never mirror a root we did not hydrate: it would replace the data with nothing
         from shared.state import mirror
 
         with self._persist_lock:
+            if self.state == "superseded":
+                return None  # never over a data dir that someone else wrote: persist_error says why
             try:
-                result = mirror.persist(self.live_root, self.data_dir, commit=self.commit, epoch=self._epoch)
+                result = mirror.persist(
+                    self.live_root,
+                    self.data_dir,
+                    commit=self.commit if commit else None,
+                    epoch=self._epoch,
+                    seq=self._seq,  # anyone else's persist, restore or reset since: DataDirReplaced
+                    progress=_Deadline(lambda: self._deadline),
+                )
+            except ExitDeadline as err:
+                self.persist_error = str(err)
+                log.error(
+                    "persist stopped at the exit deadline (%s): %s keeps the last complete persist's database and "
+                    "index, plus whole newer files; the rest of the changes since are lost",
+                    err,
+                    self.data_dir,
+                )
+                return None
+            except mirror.DataDirReplaced as err:
+                self._supersede(str(err))
+                return None
             except Exception as err:
+                self.persist_error = str(err)
                 log.error("persist failed: %s", err)
                 return None
+            self._seq = result.get("seq", self._seq)
+        self.persist_error = None
         self._epoch = result.get("epoch", self._epoch)
         self.last_persist = result
         self.persist_count += 1
@@ -229,6 +392,21 @@ class TabbyServer:
             )
         return result
 
+    def _supersede(self, why: str) -> None:
+        """The data dir changed under us (a forced restore or reset, another writer): stop Tabby, stop persisting,
+        answer 503 saying so. Its writes since the last persist are dropped: the new data wins."""
+        self.persist_error = f"it was replaced under this server ({why})"
+        if self.state == "superseded":
+            return
+        self.state = "superseded"  # first: the watcher must not restart the Tabby we stop here
+        self.reason = (
+            f"its data dir {self.data_dir} was replaced (a restore, a reset or another writer), so this server "
+            "stopped serving to keep the new data: start it again to serve that"
+        )
+        log.error("data dir replaced under the server (%s): stopped serving, not persisting", why)
+        if self.supervisor is not None:
+            self.supervisor.stop()
+
     def _persist_loop(self) -> None:
         interval = self.settings.persist_interval
         while not self._stopping.wait(interval):  # the wait doubles as the timer and the stop signal
@@ -240,22 +418,92 @@ class TabbyServer:
         with self._stop_lock:
             if self.state == "stopped":
                 return self.last_persist
+            began = time.monotonic()
+            # Modal gives the exit hook ~30 s: a persist still copying at this deadline stops between two files.
+            self._deadline = began + max(self.exit_budget - FINAL_RESERVE, 0.0)
             self._stopping.set()  # a start in progress gives up at its next step (wait_ready polls it)
             with self._start_lock:  # ...and is over once this is acquired
                 self.state = "stopping"
+            # Tabby first (it has no SIGTERM handler: it is gone in milliseconds). One that outlives EARLY_PERSIST
+            # of its grace gets a persist pass meanwhile (safe while Tabby writes, like every periodic pass), so the
+            # grace and the bulk of the copying overlap and the final pass copies only the rest.
+            if self.supervisor is not None:
+                stopper = threading.Thread(target=self.supervisor.stop, name="tabby-stop", daemon=True)
+                stopper.start()
+                stopper.join(EARLY_PERSIST)
+                if stopper.is_alive() and self._hydrated:
+                    log.info("stop: tabby still running after SIGTERM: persisting meanwhile")
+                    self.persist_now(commit=False)
+                stopper.join()
+                log.info("stop: tabby stopped (%.2fs)", time.monotonic() - began)
             if self._persister is not None:
                 self._persister.join()
-            if self.supervisor is not None:
-                self.supervisor.stop()
+            if self._watcher is not None:
+                self._watcher.join(timeout=5.0)
             if self._starter is not None and self._starter.ident is not None:
                 self._starter.join()
-            result = self.persist_now() if self._hydrated else None
+            result = None
+            if self._hydrated:
+                at = time.monotonic()
+                result = self.persist_now()
+                outcome = "done" if result is not None else f"not done ({self.persist_error})"
+                log.info("stop: final persist %s (%.2fs)", outcome, time.monotonic() - at)
             self.state = "stopped"
-            log.info("stopped")
+            log.info("stopped in %.2fs (exit budget %gs)", time.monotonic() - began, self.exit_budget)
             return result
 
 
+class ExitDeadline(Exception):
+    """A persist gave up between two files: the exit hook's time was up."""
+
+
+class _Deadline(Progress):
+    """Silent progress for a persist that stops it (between two file copies) once `deadline()` has passed."""
+
+    def __init__(self, deadline: Callable[[], float | None]) -> None:
+        super().__init__("persist")
+        self._deadline = deadline
+
+    def add(self, files: int = 0, nbytes: int = 0) -> None:
+        when = self._deadline()
+        if when is not None and time.monotonic() >= when:
+            raise ExitDeadline(f"{self.files} of {self.total_files} changed files copied")
+        self.files += files
+        self.bytes += nbytes
+
+    def finish(self) -> None:
+        pass
+
+
+def _wait_exit(pid: int) -> int | None:
+    """Block until child `pid` exits, without reaping it (its Supervisor collects it, so the pid = process group id
+    cannot be reused meanwhile). Its exit code, minus the signal that killed it, or None if already reaped."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
 # --- Modal wiring ---------------------------------------------------------------------------------------------
+
+
+def exit_container(reason: str) -> None:
+    """Make Modal replace this container: the way Modal's own runtime shuts a container down from inside.
+
+    SIGINT to ourselves: the input loop's handler (modal._runtime.user_code_event_loop) cancels the loop, the
+    KeyboardInterrupt unwinds through the lifecycle (ASGI lifespan shutdown, our @modal.exit hook: stop, persist,
+    commit; then Modal's own Volume commit), `_container_entrypoint` catches it and the process ends; the worker
+    then starts a fresh container for the next request. os._exit alone would skip those hooks and commits, so it
+    is only the fallback, for a container still alive `EXIT_FALLBACK` s later.
+    """
+    log.error("exiting the container so that Modal starts a fresh one: %s", reason)
+    fallback = threading.Timer(EXIT_FALLBACK, os._exit, args=(1,))
+    fallback.daemon = True
+    fallback.start()
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def lease_check(settings: Settings) -> MaintenanceCheck:
@@ -281,6 +529,7 @@ def for_modal(settings: Settings, commit: Callable[[], None] | None) -> TabbySer
         setup_token=settings.setup_token.get_secret_value() if settings.setup_token else None,
         commit=commit,
         maintenance_check=lease_check(settings),
+        on_give_up=exit_container,
     )
 
 

@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from shared.state import database
@@ -150,6 +150,22 @@ def _relpath(member: tarfile.TarInfo, prefix: str) -> str | None:
     return name.rstrip("/") or None
 
 
+def _link_target(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """The regular file a hard-link member shares its content with: a member of the archive, inside its root."""
+    name = member.linkname
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        raise StateError(f"import refused: {member.name}: hard link to {name!r} leaves the archive's root")
+    try:
+        target = tar.getmember(name)
+    except KeyError:
+        raise StateError(
+            f"import refused: {member.name}: hard link to {name!r}, which is not in the archive"
+        ) from None
+    if not target.isfile():
+        raise StateError(f"import refused: {member.name}: hard link to {name!r}, which is not a regular file")
+    return target
+
+
 def _entries(tar: tarfile.TarFile, work: Path, prog: Progress) -> Iterator[tuple[Entry, IO[bytes] | None]]:
     members, prefix = _member_paths(tar)
     family: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -170,10 +186,10 @@ def _entries(tar: tarfile.TarFile, work: Path, prog: Progress) -> Iterator[tuple
             continue
         if not (m.isfile() or m.islnk()):
             raise StateError(f"import refused: {m.name}: not a regular file or symlink")
+        size = _link_target(tar, m).size if m.islnk() else m.size
         reader = tar.extractfile(m)
         if reader is None:
             raise StateError(f"import refused: {m.name}: no content")
-        size = tar.getmember(m.linkname).size if m.islnk() else m.size
         with reader:
             yield Entry(path, size, mtime_ns, m.mode & 0o7777), reader
         prog.add(1, size)

@@ -1,9 +1,13 @@
 """Leases in a modal.Dict: the maintenance lock the server checks at start, and the store lock across containers.
 
-A lease is one Dict entry `{op, owner, token, since, expires}` taken with `put(key, value, skip_if_exists=True)`,
-the Dict's atomic put-if-absent: of two runs asking at once exactly one gets it. A holder refreshes its entry while
-it works (a heartbeat), so a long restore keeps its lease; a crashed run's entry expires after `ttl` seconds and the
-next run takes it over; `tabby-modal unlock` breaks it explicitly.
+A lease is one Dict entry `{op, owner, token, since, expires, host, pid, proc_start}` taken with
+`put(key, value, skip_if_exists=True)`, the Dict's atomic put-if-absent: of two runs asking at once exactly one gets
+it. A holder refreshes its entry while it works (a heartbeat every third of `ttl`), so a long restore keeps its
+lease. The same lock model as `shared.state.locks`: a holder on this host whose process is gone is taken over at
+once; elsewhere (another Modal container) its entry expires `ttl` seconds after its last heartbeat; both with a log
+line. A waiting run says who it waits for every few seconds; `tabby-modal unlock` breaks leases explicitly. The
+store lock file a run takes under its store lease carries the lease (`vouch()`), so a run in another container can
+break a dead run's lock file as soon as that run's lease is gone.
 
 Any object with `get(key, default)`, `put(key, value, *, skip_if_exists)` and `pop(key, default)` works as the Dict:
 `modal.Dict` on Modal, `DirDict` (one JSON file per key) for `--local` runs and tests.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -23,12 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.state.atomic import StateError, fsync_dir, read_record, tmp_path
+from shared.state.locks import UNLOCK_HINT, WAIT_REPORT, Vouch, iso, process_alive, say, this_process
 
 if TYPE_CHECKING:
     from shared.settings import Settings
 
 MAINTENANCE = "maintenance"  # held by restore and reset; the server does not start while it is held
 STORE = "store"  # held by every run that writes the backups store (snapshot, prune, import, restore, reset)
+
+log = logging.getLogger("tabby_modal.lease")
 
 _MISSING = object()
 
@@ -101,26 +109,53 @@ class DirDict:
         return record
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def describe(record: dict[str, Any], now: float | None = None) -> str:
     """`restore by modal-task-ab12 since 2026-11-23T10:00:00Z, expires in 3540s`."""
     now = time.time() if now is None else now
-    left = float(record.get("expires", 0)) - now
+    left = _number(record.get("expires")) - now
     until = f"expires in {left:.0f}s" if left > 0 else f"expired {-left:.0f}s ago"
-    return f"{record.get('op', '?')} by {record.get('owner', '?')} since {_iso(float(record.get('since', 0)))}, {until}"
+    return f"{who(record)}, {until}"
+
+
+def who(record: dict[str, Any]) -> str:
+    """`restore by modal-task-ab12 since 2026-11-23T10:00:00Z`."""
+    return f"{record.get('op', '?')} by {record.get('owner', '?')} since {iso(_number(record.get('since')))}"
+
+
+def why_gone(record: Any, now: float | None = None) -> str | None:
+    """Why a lease's holder is gone (a short phrase for the log line), or None while it is live."""
+    if not isinstance(record, dict):
+        return "its entry is malformed"
+    try:
+        left = float(record["expires"]) - (time.time() if now is None else now)
+    except (KeyError, TypeError, ValueError):
+        return "its entry is malformed"
+    if "pid" in record and process_alive(record) is False:
+        return "its process is gone"
+    return None if left > 0 else f"it expired {-left:.0f}s ago"
 
 
 def is_live(record: Any, now: float | None = None) -> bool:
-    """A well-formed lease that has not expired. Malformed entries count as expired (they can be taken over)."""
-    if not isinstance(record, dict):
-        return False
-    try:
-        return float(record["expires"]) > (time.time() if now is None else now)
-    except (KeyError, TypeError, ValueError):
-        return False
+    """A well-formed lease that has not expired and whose process, if on this host, runs. Malformed entries count
+    as gone (they can be taken over)."""
+    return why_gone(record, now) is None
+
+
+def holder_gone(d: DictLike, info: dict[str, Any], now: float | None = None) -> bool | None:
+    """For a store lock file's record: is the lease its holder took gone (absent, expired, another run's)? None
+    when the record names no lease."""
+    ref = info.get("lease")
+    if not isinstance(ref, dict) or not isinstance(ref.get("key"), str):
+        return None
+    current = d.get(ref["key"])
+    return not (is_live(current, now) and current.get("token") == ref.get("token"))
 
 
 def default_owner() -> str:
@@ -147,28 +182,37 @@ class Lease:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         poll: float = 0.5,
+        report: float = WAIT_REPORT,
+        on_wait: Callable[[str], None] = say,
     ) -> None:
         self.d, self.key, self.op, self.ttl, self.wait = d, key, op, ttl, wait
         self.owner = owner or default_owner()
         self.token = secrets.token_hex(8)
         self.clock = clock
         self.poll = poll
+        self.report = report
+        self.on_wait = on_wait
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self.lost = False
 
     def record(self) -> dict[str, Any]:
         now = self.clock()
+        proc = this_process()
         return {
             "op": self.op,
             "owner": self.owner,
             "token": self.token,
             "since": now,
             "expires": now + self.ttl,
+            "host": proc["host"],
+            "pid": proc["pid"],
+            "proc_start": proc["proc_start"],
         }
 
     def acquire(self) -> Lease:
-        deadline = time.monotonic() + self.wait
+        start = time.monotonic()
+        deadline, next_report = start + self.wait, start + self.report
         while True:
             mine = self.record()
             if self.d.put(self.key, mine, skip_if_exists=True):
@@ -176,20 +220,38 @@ class Lease:
             held = self.d.get(self.key)
             if held is None:
                 continue  # released between our put and get
-            if not is_live(held, self.clock()):
-                self._take_over(held)
+            why = why_gone(held, self.clock())
+            if why is not None:
+                self._take_over(held, why)
                 continue
-            if time.monotonic() >= deadline:
-                raise LeaseHeld(f"{self.key} lock held: {describe(held, self.clock())}")
+            now = time.monotonic()
+            if now >= deadline:
+                raise LeaseHeld(f"{self.key} lock held: {describe(held, self.clock())}; {UNLOCK_HINT}")
+            if now >= next_report:
+                next_report = now + self.report
+                self.on_wait(
+                    f"waiting for the {self.key} lock held by {held.get('op', '?')} ({held.get('owner', '?')}) "
+                    f"since {iso(_number(held.get('since')))}"
+                )
             self._stop.wait(self.poll)
         self._start_heartbeat()
         return self
 
-    def _take_over(self, expired: Any) -> None:
-        """Remove an expired entry; if a newer holder's entry was popped instead (a race), put it back."""
+    def _take_over(self, gone: Any, why: str) -> None:
+        """Remove a gone holder's entry; if a newer holder's entry was popped instead (a race), put it back."""
         popped = self.d.pop(self.key, None)
-        if popped is not None and popped != expired:
+        if popped is not None and popped != gone:
             self.d.put(self.key, popped, skip_if_exists=True)
+        elif popped is not None:
+            what = who(popped) if isinstance(popped, dict) else repr(popped)[:80]
+            log.warning("broke the %s lease of %s: %s", self.key, what, why)
+
+    def vouch(self) -> Vouch:
+        """This lease as the store lock file carries it, and how to judge another holder's lease."""
+        return Vouch(
+            fields={"lease": {"key": self.key, "owner": self.owner, "token": self.token}},
+            gone=lambda info: holder_gone(self.d, info, self.clock()),
+        )
 
     def held(self) -> bool:
         current = self.d.get(self.key)
@@ -200,10 +262,13 @@ class Lease:
 
         def beat() -> None:
             while not self._stop.wait(interval):
-                if not self.held():
-                    self.lost = True  # broken by `unlock`: say so at release, keep working
-                    return
-                self.d.put(self.key, {**self.record(), "since": self._since})
+                try:
+                    if not self.held():
+                        self.lost = True  # broken by `unlock`: say so at release, keep working
+                        return
+                    self.d.put(self.key, {**self.record(), "since": self._since})
+                except Exception as err:  # a hiccup of the Dict: the next beat tries again
+                    log.warning("could not refresh the %s lease (%s)", self.key, err)
 
         self._since = self.clock()
         self._beat = threading.Thread(target=beat, name=f"lease-{self.key}", daemon=True)
@@ -231,21 +296,39 @@ def status(d: DictLike, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in (MAINTENANCE, STORE):
         record = d.get(key)
+        why = why_gone(record, now)
         if isinstance(record, dict):
-            out[key] = {**record, "live": is_live(record, now), "describe": describe(record, now)}
+            out[key] = {**record, "live": why is None, "why": why, "describe": describe(record, now)}
         else:
-            out[key] = None if record is None else {"malformed": repr(record)[:80], "live": False}
+            out[key] = None if record is None else {"malformed": repr(record)[:80], "live": False, "why": why}
     return out
 
 
-def break_all(d: DictLike) -> dict[str, Any]:
-    """Remove both leases, whoever holds them: {broken: {key: record}} (for `tabby-modal unlock`)."""
-    broken = {}
+def break_leases(d: DictLike, force: bool = False, now: float | None = None) -> dict[str, Any]:
+    """Remove the leases whose holders are gone, and with `force` the live ones too:
+    {broken: {key: record}, held: {key: record}} (for `tabby-modal unlock`). An entry that changes between the
+    look and the removal is put back and counted as held."""
+    broken: dict[str, Any] = {}
+    held: dict[str, Any] = {}
     for key in (MAINTENANCE, STORE):
-        record = d.pop(key, None)
-        if record is not None:
-            broken[key] = record
-    return {"broken": broken}
+        record = d.get(key)
+        if record is None:
+            continue
+        if not force and is_live(record, now):
+            held[key] = record
+            continue
+        popped = d.pop(key, None)
+        if popped is not None and popped != record:
+            d.put(key, popped, skip_if_exists=True)
+            held[key] = popped
+        elif popped is not None:
+            broken[key] = popped
+    return {"broken": broken, "held": held}
+
+
+def break_all(d: DictLike) -> dict[str, Any]:
+    """Remove both leases, whoever holds them: {broken: {key: record}}."""
+    return {"broken": break_leases(d, force=True)["broken"]}
 
 
 def reason(d: DictLike, now: float | None = None) -> str | None:

@@ -16,6 +16,8 @@ from shared.state.mirror.hydrate import hydrate
 from shared.state.mirror.manifest import (
     MANIFEST,
     PENDING,
+    WRITER_LOCK,
+    DataDirReplaced,
     Entry,
     PersistManifest,
     dump_json,
@@ -27,6 +29,7 @@ from shared.state.mirror.manifest import (
     pending_info,
     rebuild_manifest,
     write_pending,
+    writing,
 )
 from shared.state.mirror.persist import persist
 from shared.state.mirror.scan import (
@@ -46,6 +49,8 @@ __all__ = [
     "META_DIR",
     "PENDING",
     "WORKERS",
+    "WRITER_LOCK",
+    "DataDirReplaced",
     "Entry",
     "PersistManifest",
     "clear_way",
@@ -67,4 +72,5 @@ __all__ = [
     "remove",
     "scan",
     "write_pending",
+    "writing",
 ]

@@ -80,9 +80,18 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
             raise StateError(f"hydrate refused: data dir: {err}") from None
         checked = "tree"
     epoch = manifest.epoch if manifest else None
+    seq = manifest.seq if manifest else 0  # what persist(seq=...) expects to find there next
     if not entries:
         live_root.mkdir(parents=True, exist_ok=True)
-        return {"fresh": True, "files": 0, "bytes": 0, "checked": checked, "epoch": epoch, "databases": {}}
+        return {
+            "fresh": True,
+            "files": 0,
+            "bytes": 0,
+            "checked": checked,
+            "epoch": epoch,
+            "seq": seq,
+            "databases": {},
+        }
 
     prog = progress or silent()
     prog.set_totals(len(entries), sum(e.size for e in entries.values()))
@@ -145,6 +154,7 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
         "bytes": sum(e.size for e in entries.values()),
         "checked": checked,
         "epoch": epoch,
+        "seq": seq,
         "databases": checks,
         "seconds": round(time.monotonic() - started, 4),
     }

@@ -4,9 +4,14 @@ of an unfinished pass, and strict JSON; `rebuild_manifest` describes a data dir 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ from shared.state.atomic import (
     SHA256_RE,
     StateError,
     check_tree,
+    ensure_dir,
     fsync_dir,
     hash_file,
     read_record,
@@ -29,7 +35,32 @@ from shared.state.mirror.scan import (
 
 MANIFEST = f"{META_DIR}/persist.json"
 PENDING = f"{META_DIR}/pending.json"
+WRITER_LOCK = f"{META_DIR}/writer.lock"
 FORMAT = 1
+
+
+class DataDirReplaced(StateError):
+    """The data dir is no longer the one a live root was hydrated from (or last persisted into): a restore, a reset
+    or another writer changed it. Persisting that live root would overwrite their data."""
+
+
+@contextlib.contextmanager
+def writing(data_dir: Path) -> Iterator[None]:
+    """Hold the data dir's writer lock: persist, restore and reset write it one at a time on this machine (an
+    exclusive flock on `.tabby-modal/writer.lock`, waited for). So a restore never lands in the middle of a persist
+    pass, and the pass after it sees the new epoch. Where the filesystem has no flock, it goes on without."""
+    path = Path(data_dir) / WRITER_LOCK
+    ensure_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --- Tree entries and manifests -------------------------------------------------------------------------------

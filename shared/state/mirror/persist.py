@@ -36,6 +36,7 @@ from shared.state.atomic import (
     write_bytes,
 )
 from shared.state.mirror.manifest import (
+    DataDirReplaced,
     Entry,
     PersistManifest,
     clear_pending,
@@ -43,6 +44,7 @@ from shared.state.mirror.manifest import (
     pending_info,
     write_manifest,
     write_pending,
+    writing,
 )
 from shared.state.mirror.scan import (
     WORKERS,
@@ -246,13 +248,16 @@ def persist(
     commit: Callable[[], None] | None = None,
     progress: Progress | None = None,
     epoch: str | None = None,
+    seq: int | None = None,
 ) -> dict[str, Any]:
     """Mirror `live_root` into `data_dir` consistently; call `commit()` once the pass is complete.
 
-    Safe to run every few seconds while Tabby writes; only one persist may run per data dir. `epoch` (from
-    `hydrate()`) makes persist refuse when the data dir was restored or reset since: the live root is then stale.
+    Safe to run every few seconds while Tabby writes; the pass holds the data dir's writer lock (`writing`), so a
+    restore or reset waits for it. `epoch` (from `hydrate()`) makes persist refuse when the data dir was restored or
+    reset since: the live root is then stale; `seq` (from `hydrate()` or the last persist's result; 0 = no manifest)
+    also when anyone else persisted into it. Both raise DataDirReplaced with nothing written.
     A database copy that fails its check raises DbCheckError and nothing of it is published.
-    Returns {changed, copied_bytes, deleted, files, bytes, databases, seconds, wrote_manifest, committed, ...}.
+    Returns {changed, copied_bytes, deleted, files, bytes, databases, seconds, wrote_manifest, committed, seq, ...}.
     """
     live_root, data_dir = Path(live_root), Path(data_dir)
     started = time.monotonic()
@@ -265,6 +270,18 @@ def persist(
     ):
         raise StateError("live root and data dir must be separate trees")
     ensure_dir(data_dir)
+    with writing(data_dir):
+        result = _persist(live_root, data_dir, progress, epoch, seq)
+    if commit is not None:
+        commit()
+        result["committed"] = True
+    result["seconds"] = round(time.monotonic() - started, 4)
+    return result
+
+
+def _persist(
+    live_root: Path, data_dir: Path, progress: Progress | None, epoch: str | None, seq: int | None
+) -> dict[str, Any]:
     warnings: list[str] = []
     try:
         prev = load_manifest(data_dir)
@@ -272,8 +289,13 @@ def persist(
         prev = None
         warnings.append(f"unreadable persist manifest ignored ({err})")
     if epoch is not None and prev is not None and prev.epoch != epoch:
-        raise StateError(
+        raise DataDirReplaced(
             "data dir was restored or reset after this live root was hydrated: hydrate again before persisting"
+        )
+    if seq is not None and (prev.seq if prev else 0) != seq:
+        raise DataDirReplaced(
+            f"data dir was written by someone else (persist #{prev.seq if prev else 0}, expected #{seq}): "
+            "hydrate again before persisting"
         )
     repair = prev is None or pending_info(data_dir) is not None
     nodes = scan(live_root)
@@ -354,10 +376,6 @@ def persist(
         write_manifest(data_dir, manifest)
         clear_pending(data_dir)
     prog.finish()
-    committed = False
-    if commit is not None:
-        commit()
-        committed = True
     return {
         "changed": run.copied,
         "copied_bytes": run.copied_bytes,
@@ -366,9 +384,9 @@ def persist(
         "bytes": manifest.bytes,
         "databases": {p: d["check"] for p, d in databases.items()},
         "wrote_manifest": not same,
-        "committed": committed,
+        "committed": False,
         "repaired": repair,
         "epoch": manifest.epoch,
+        "seq": prev.seq if same and prev else manifest.seq,
         "warnings": warnings + run.warnings,
-        "seconds": round(time.monotonic() - started, 4),
     }

@@ -30,29 +30,19 @@ from shared.state.store.verify import verify
 
 SCOPES = {"all": ("",), "auth": ("ee/",), "index": ("index/", "repositories/")}
 TMP_STAGING = "-staging-"
-BUSY_WINDOW = 120.0  # a persist this recent means a server may be running: restore/reset want --force
 
 
 def _guard(store: StoreCore, data_dir: Path, action: str, force: bool) -> None:
-    """Refuse to change a data dir that a server may be persisting into, unless forced."""
+    """Refuse to change a data dir that a live run on this host is writing (its pending marker), unless forced.
+    Whether a server runs is the caller's question: Modal's container count, or DIR's serve lock locally
+    (shared.operations.maintenance); a guess from the age of the last persist was wrong both ways."""
     if force or not data_dir.is_dir():
         return
     pending = mirror.pending_info(data_dir)
     if pending and mirror.pending_alive(pending):
         raise StateError(
-            f"refused: a {pending.get('op')} is running in {data_dir} (pid {pending.get('pid')})"
+            f"refused: {action}: a {pending.get('op')} is running in {data_dir} (pid {pending.get('pid')})"
         )
-    try:
-        manifest = mirror.load_manifest(data_dir)
-    except StateError:
-        return
-    if manifest is not None and manifest.origin == "persist":
-        age = time.time() - manifest.time_unix
-        if 0 <= age < BUSY_WINDOW:
-            raise StateError(
-                f"refused: {data_dir} was persisted {age:.0f}s ago, a server may be running; "
-                f"stop it first, or pass --force to {action} anyway"
-            )
 
 
 def _safety(store: StoreCore, data_dir: Path, label: str, force: bool) -> str | None:
@@ -137,26 +127,28 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
         for p, c in checks.items():
             if c != "ok":
                 raise StateError(f"refused: {p} fails quick_check after staging ({c})")
-        # From here the data dir changes: the pending marker tells readers it is mid-way.
-        mirror.write_pending(data_dir, "restore")
-        existing = mirror.scan(data_dir)
-        for p in database.DB_PATHS:
-            for side in database.sidecars(data_dir / p):
-                side.unlink(missing_ok=True)
-        touched = set()
-        for p in sorted(snap.files):
-            mirror.clear_way(data_dir, p)
-            ensure_dir((data_dir / p).parent)
-            os.replace(staging / p, data_dir / p)
-            touched.add((data_dir / p).parent)
-        gone = [p for p in existing if p not in snap.files]
-        for p in gone:
-            mirror.remove(data_dir, p)
-        mirror.prune_empty_dirs(data_dir, gone)
-        for d in touched:
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(d)
-        mirror.rebuild_manifest(data_dir, origin="restore", known=snap.files, checks=checks)
+        # From here the data dir changes, under its writer lock (a persist pass running now ends first, the next one
+        # sees the new epoch); the pending marker tells readers it is mid-way.
+        with mirror.writing(data_dir):
+            mirror.write_pending(data_dir, "restore")
+            existing = mirror.scan(data_dir)
+            for p in database.DB_PATHS:
+                for side in database.sidecars(data_dir / p):
+                    side.unlink(missing_ok=True)
+            touched = set()
+            for p in sorted(snap.files):
+                mirror.clear_way(data_dir, p)
+                ensure_dir((data_dir / p).parent)
+                os.replace(staging / p, data_dir / p)
+                touched.add((data_dir / p).parent)
+            gone = [p for p in existing if p not in snap.files]
+            for p in gone:
+                mirror.remove(data_dir, p)
+            mirror.prune_empty_dirs(data_dir, gone)
+            for d in touched:
+                with contextlib.suppress(FileNotFoundError):
+                    fsync_dir(d)
+            mirror.rebuild_manifest(data_dir, origin="restore", known=snap.files, checks=checks)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     prog.finish()
@@ -180,15 +172,16 @@ def reset(
         prefixes = SCOPES[scope]
         doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
         freed = 0
-        mirror.write_pending(data_dir, "reset")
-        if scope in ("all", "auth"):
-            for p in database.DB_PATHS:
-                for side in database.sidecars(data_dir / p):
-                    side.unlink(missing_ok=True)
-        for p in doomed:
-            freed += mirror.remove(data_dir, p)
-        mirror.prune_empty_dirs(data_dir, doomed)
-        left = mirror.rebuild_manifest(data_dir, origin="reset")
+        with mirror.writing(data_dir):  # see _lay_down
+            mirror.write_pending(data_dir, "reset")
+            if scope in ("all", "auth"):
+                for p in database.DB_PATHS:
+                    for side in database.sidecars(data_dir / p):
+                        side.unlink(missing_ok=True)
+            for p in doomed:
+                freed += mirror.remove(data_dir, p)
+            mirror.prune_empty_dirs(data_dir, doomed)
+            left = mirror.rebuild_manifest(data_dir, origin="reset")
     return {
         "scope": scope,
         "removed_files": len(doomed),

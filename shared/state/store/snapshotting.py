@@ -138,7 +138,10 @@ def import_entries(
             for name in published:  # packs and blobs of this call only: nothing else names them
                 store.backend.delete(name)
             if isinstance(err, StateError):
-                raise StateError(f"import refused: {err}") from None
+                said = str(err)
+                raise StateError(
+                    said if said.startswith("import refused") else f"import refused: {said}"
+                ) from None
             raise
         out = _publish(store, files, checks, label, "import", {}, new_blobs, new_bytes, started, time_unix)
         return {**out, "skipped": skipped}
