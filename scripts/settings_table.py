@@ -1,4 +1,4 @@
-"""Print the README's settings table from the Settings class (`python scripts/settings_table.py`)."""
+"""Print the settings table of docs/settings.md from the Settings class (`python scripts/settings_table.py`)."""
 
 from shared.settings import Settings, env_name
 

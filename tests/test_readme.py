@@ -1,4 +1,4 @@
-"""Keep the README true: its settings table, make targets and commands exist."""
+"""Keep the README and docs/ true: the settings table, the make targets and commands they name, the runbook, links."""
 
 import re
 import subprocess
@@ -7,14 +7,16 @@ import sys
 from tests.conftest import BIN, REPO
 
 README = (REPO / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((REPO / "docs").glob("*.md"))}
+EVERYTHING = README + "\n".join(DOCS.values())
 
 
 def test_settings_table_matches_the_settings_class():
     sys.path.insert(0, str(REPO / "scripts"))
     from settings_table import table
 
-    block = README.split("<!-- settings-table")[1].split("<!-- /settings-table -->")[0]
-    assert table() in block, "README settings table is stale: run python scripts/settings_table.py"
+    block = DOCS["settings.md"].split("<!-- settings-table")[1].split("<!-- /settings-table -->")[0]
+    assert table() in block, "docs/settings.md table is stale: run python scripts/settings_table.py"
 
 
 def test_quick_start_commands():
@@ -24,9 +26,9 @@ def test_quick_start_commands():
 def test_every_make_target_named_exists():
     makefile = (REPO / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
-    named = set(re.findall(r"`make ([a-z][a-z-]*)", README))
-    assert named, "README names no make targets"
-    assert named <= targets, f"README names unknown targets: {named - targets}"
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", EVERYTHING))
+    assert named, "the docs name no make targets"
+    assert named <= targets, f"the docs name unknown targets: {named - targets}"
 
 
 def test_every_tabby_modal_command_named_exists():
@@ -34,12 +36,12 @@ def test_every_tabby_modal_command_named_exists():
         [str(BIN / "tabby-modal"), "--help"], capture_output=True, text=True, check=True
     ).stdout
     commands = set(re.findall(r"^  ([a-z][a-z-]*)\s", help_text, re.M))
-    named = set(re.findall(r"`tabby-modal ([a-z][a-z-]*)", README))
-    assert named <= commands, f"README names unknown commands: {named - commands}"
+    named = set(re.findall(r"`tabby-modal ([a-z][a-z-]*)", EVERYTHING))
+    assert named <= commands, f"the docs name unknown commands: {named - commands}"
 
 
 def test_runbook_covers_every_operation_with_real_commands():
-    runbook = README.split("## Runbook")[1].split("\n## ")[0]
+    runbook = DOCS["runbook.md"]
     for topic in (
         "Back up",
         "List",
@@ -63,3 +65,10 @@ def test_runbook_covers_every_operation_with_real_commands():
         assert name in functions, f"runbook runs unknown function {name}"
         for flag in re.findall(r"--([\w-]+)", flags):
             assert flag.replace("-", "_") in functions[name], f"{name} has no --{flag}"
+
+
+def test_readme_is_a_short_path_with_links_that_resolve():
+    assert len(README.splitlines()) <= 200
+    for text, where in [(README, REPO), *((d, REPO / "docs") for d in DOCS.values())]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (where / target).exists(), f"broken link {target}"

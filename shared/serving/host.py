@@ -4,7 +4,7 @@ start/stop interface, so the caller keeps its own event loop and signal handling
 Uvicorn gives what the proxy relies on: streaming bodies both ways, `http.disconnect` when the client goes away,
 websockets with subprotocols, close codes and the `websocket.http.response` extension, the lifespan protocol, and an
 aborted connection when the app fails after the response headers. It replaced our own aiohttp-based host, which
-was slower on the proxy bench (README "Local host").
+was slower on the proxy bench (docs/proxy.md "The local host").
 """
 
 from __future__ import annotations
