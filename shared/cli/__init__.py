@@ -1,5 +1,6 @@
 """`tabby-modal`, the ops command: setup and checks, Tabby's state and backups, `serve --local`, on this machine
-or on Modal. Each module below adds its own subcommands to `cli`; the work itself is done in `shared.operations`."""
+or on Modal. `cli` (the click group) lives in `common`; each command module adds its own subcommands to it, and
+`main` imports them all. The work itself is done in `shared.operations`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import sys
 
 import click
 
+from shared.cli.common import cli
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Run Tabby on Modal: settings, deploy checks, Tabby's state and its backups."""
+__all__ = ["cli", "main"]
 
 
 def main() -> None:

@@ -20,6 +20,11 @@ ALLOW_DESTRUCTIVE_ENV = "TABBY_MODAL_ALLOW_DESTRUCTIVE"
 NO_CREDENTIALS = "No Modal credentials: run `modal token new` or set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Run Tabby on Modal: settings, deploy checks, Tabby's state and its backups."""
+
+
 class CommandError(Exception):
     """A refusal or bad input: printed as one line on stderr, exit code `code` (2 unless said)."""
 

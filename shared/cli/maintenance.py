@@ -12,8 +12,7 @@ from typing import Any
 
 import click
 
-from shared.cli import cli
-from shared.cli.common import CommandError, emit, handled, json_option, local_option, lock_line, say
+from shared.cli.common import CommandError, cli, emit, handled, json_option, local_option, lock_line, say
 from shared.cli.state import kept_only_on_success, ops_for, run_op
 from shared.state.progress import mib
 

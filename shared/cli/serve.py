@@ -15,8 +15,7 @@ from pathlib import Path
 
 import click
 
-from shared.cli import cli
-from shared.cli.common import CommandError, get_settings, handled, say
+from shared.cli.common import CommandError, cli, get_settings, handled, say
 from shared.settings import Settings
 
 INSTALL_HINT = (

@@ -7,10 +7,10 @@ from typing import Any
 import click
 from pydantic import SecretStr
 
-from shared.cli import cli
 from shared.cli.common import (
     EXIT_PROBLEMS,
     CommandError,
+    cli,
     emit,
     get_settings,
     handled,

@@ -14,10 +14,10 @@ from typing import Any
 
 import click
 
-from shared.cli import cli
 from shared.cli.common import (
     EXIT_PROBLEMS,
     CommandError,
+    cli,
     confirm_destructive,
     emit,
     get_settings,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.cli import cli
 from shared.cli.common import (
     EXIT_PROBLEMS,
+    cli,
     emit,
     get_settings,
     handled,

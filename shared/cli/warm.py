@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.cli import cli
-from shared.cli.common import emit, get_settings, handled, json_option, require_modal_credentials, say
+from shared.cli.common import cli, emit, get_settings, handled, json_option, require_modal_credentials, say
 from shared.cli.state import run_op
 from shared.operations import warm
 
