@@ -41,9 +41,9 @@ PHONE = (390, 844, 2)  # CSS px width, height, device pixel ratio
 class Page:
     """One browser tab over the DevTools protocol (a flat session on the browser's websocket)."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: str | None = None) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
-        self.session = session
+        self.session: str | None = None  # None: commands go to the browser itself
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.loads = 0  # Page.loadEventFired seen so far
@@ -141,18 +141,10 @@ async def chromium(tmp: Path) -> AsyncIterator[Page]:
             aiohttp.ClientSession() as http,
             http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0) as ws,
         ):
-            browser = Page(ws)
-            target = (await browser.call("Target.createTarget", url="about:blank"))["targetId"]
-            session = (await browser.call("Target.attachToTarget", targetId=target, flatten=True))[
-                "sessionId"
-            ]
-            page = Page.__new__(Page)
-            page.__dict__.update(
-                browser.__dict__
-            )  # the same socket and reader, commands in the tab's session
-            page.session = session
-            browser._reader.cancel()
-            page._reader = asyncio.ensure_future(page._read())
+            page = Page(ws)  # browser-level commands first, then the tab's session
+            target = (await page.call("Target.createTarget", url="about:blank"))["targetId"]
+            attached = await page.call("Target.attachToTarget", targetId=target, flatten=True)
+            page.session = attached["sessionId"]
             await page.call("Page.enable")
             await page.call(
                 "Emulation.setDeviceMetricsOverride",
@@ -188,7 +180,9 @@ async def shoot(page: Page, tmp: Path, name: str, *texts: str) -> str:
 def test_pages_in_a_real_browser(tmp_path, no_modal_env):
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    server = make_server(tmp_path / "server")
+    lease = "restore of 20260101T000000Z by alice"
+    server = make_server(tmp_path / "server", maintenance_check=lambda: lease, maintenance_recheck=3600)
+    assert server.start() is False and server.state == "maintenance"  # a held lease: Tabby never starts here
 
     async def scenario() -> None:
         with Standin(tmp_path / "root") as tabby:
@@ -219,6 +213,8 @@ def test_pages_in_a_real_browser(tmp_path, no_modal_env):
                 assert claim and claim[0]["httpOnly"] and claim[0]["sameSite"] == "Lax"
                 await page.screenshot(shots / "signup.png")
 
+                await page.open(gated + "/")
+                await shoot(page, shots, "maintenance", PAGES["maintenance"].title, lease)
                 # Starting: the page reloads itself and then shows what came next.
                 server.state = "starting"
                 await page.open(gated + "/")
@@ -232,15 +228,12 @@ def test_pages_in_a_real_browser(tmp_path, no_modal_env):
 
                 for state, reason, kind in [
                     ("restarting", "it exited with code 3", "restarting"),
-                    ("maintenance", "restore of 20260101T000000Z by alice", "maintenance"),
                     ("gave_up", "it crashed 6 times within 600s; the server exits", "gave_up"),
                     ("superseded", "its data dir /data was replaced", "superseded"),
                     ("failed", "TABBY_WEBSERVER_JWT_TOKEN_SECRET is not a UUID", "bad_secret"),
                     ("stopping", None, "stopping"),
                 ]:
                     server.state, server.reason = state, reason
-                    server.maintenance_recheck = 3600  # the gate must not try to start Tabby here
-                    server._maintenance_checked = time.monotonic()
                     await page.open(gated + "/")
                     await shoot(page, shots, kind, PAGES[kind].title, *([reason] if reason else []))
                 await page.open(dead + "/")
