@@ -84,7 +84,7 @@ PAGES: dict[str, Page] = {
     ),
     "stopping": Page(
         "The server is stopping",
-        "This server is shutting down; a new one starts with the next request.",
+        "This server is shutting down. On Modal a new one starts with the next request.",
         f"This page reloads every {REFRESH} seconds.",
         waiting=True,
     ),
