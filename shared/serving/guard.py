@@ -3,7 +3,7 @@ made admin), so while the database has no owner, nobody gets through without the
 
     GET /_setup?token=<TABBY_MODAL_SETUP_TOKEN>   -> 303 to Tabby's owner sign-up, with an HttpOnly cookie
     any request carrying that cookie              -> passed through (the sign-up page, its assets, /graphql)
-    anything else while no user exists            -> 403 JSON saying how to claim the instance
+    anything else while no user exists            -> 403 saying how to claim the instance (a page for a browser)
 
 Once the owner exists the guard switches off for the life of the process. The check is cheap: the answer is cached
 and, while locked, re-read at most every `recheck` seconds from a read-only connection (`mode=ro`: the guard never
@@ -24,7 +24,8 @@ from collections.abc import Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
 
-from shared.serving.proxy import ASGIApp, Receive, Scope, Send, reject_websocket, send_json
+from shared.serving import pages
+from shared.serving.proxy import ASGIApp, Receive, Scope, Send, reject_websocket
 from shared.state.database import OWNER_ID
 
 log = logging.getLogger("tabby_modal.guard")
@@ -126,7 +127,7 @@ class OwnerGuard:
             if message["type"] == "websocket.connect":
                 await reject_websocket(scope, send, 403, error)
             return
-        await send_json(send, 403, error)
+        await pages.answer(scope, send, 403, error, kind="locked" if self.setup_token else "no_token")
 
     # --- pieces --------------------------------------------------------------------------------------------
     def _has_cookie(self, scope: Scope) -> bool:
@@ -170,28 +171,17 @@ class OwnerGuard:
 
     async def _setup(self, scope: Scope, send: Send) -> None:
         if self.setup_token is None:
-            await send_json(send, 403, self._explain(scope))
+            await pages.answer(scope, send, 403, self._explain(scope), kind="no_token")
             return
         query = urllib.parse.parse_qs((scope.get("query_string") or b"").decode("latin-1"))
         given = (query.get("token") or [""])[0].strip()
         if not hmac.compare_digest(given.encode(), self.setup_token.encode()):
             log.warning("owner claim: wrong setup token from %s", (scope.get("client") or ["?"])[0])
-            await send_json(send, 403, "wrong setup token")
+            await pages.answer(scope, send, 403, "wrong setup token", kind="wrong_token")
             return
         forwarded = dict((k.lower(), v) for k, v in scope.get("headers") or ()).get(b"x-forwarded-proto", b"")
         secure = "; Secure" if scope.get("scheme") == "https" or forwarded == b"https" else ""
         cookie = f"{COOKIE}={self._cookie}; Path=/; HttpOnly; SameSite=Lax; Max-Age={COOKIE_MAX_AGE}{secure}"
         log.info("owner claim: setup token accepted, redirecting to sign-up")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 303,
-                "headers": [
-                    (b"location", SIGNUP_PATH.encode()),
-                    (b"set-cookie", cookie.encode()),
-                    (b"cache-control", b"no-store"),
-                    (b"content-length", b"0"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        headers = [(b"set-cookie", cookie.encode()), (b"cache-control", b"no-store")]
+        await pages.redirect(scope, send, SIGNUP_PATH, headers)

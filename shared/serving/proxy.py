@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
@@ -36,6 +35,9 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
+
+from shared.serving import pages
+from shared.serving.pages import json_body
 
 log = logging.getLogger("tabby_modal.proxy")
 
@@ -92,6 +94,7 @@ class Refusal:
     error: str
     status: int = 503
     retry_after: int | None = 10
+    kind: str = "unavailable"  # which page a browser gets (shared/serving/pages.py); JSON clients get `error`
 
 
 Gate = Callable[[], Refusal | None]
@@ -116,23 +119,6 @@ def strip_hop_by_hop(
     headers = list(headers)
     drop = HOP_BY_HOP | extra | _connection_tokens(headers)
     return [(k, v) for k, v in headers if k.lower() not in drop]
-
-
-def json_body(status: int, error: str) -> bytes:
-    return json.dumps({"error": error, "status": status}).encode()
-
-
-async def send_json(send: Send, status: int, error: str, *, retry_after: int | None = None) -> None:
-    body = json_body(status, error)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def reject_websocket(
@@ -290,7 +276,9 @@ class Proxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self.gate() if self.gate is not None else None
         if refusal is not None:
-            await send_json(send, refusal.status, refusal.error, retry_after=refusal.retry_after)
+            await pages.answer(
+                scope, send, refusal.status, refusal.error, kind=refusal.kind, retry_after=refusal.retry_after
+            )
             return
         headers = self.forwarded_headers(scope)
         first = await receive()  # the body's first part (maybe empty) tells whether there is a body at all
@@ -391,7 +379,7 @@ class Proxy:
 
     async def _error(self, send: Send, scope: Scope, status: int, error: str) -> None:
         log.warning("%s %s -> %d: %s", scope["method"], scope["path"], status, error)
-        await send_json(send, status, error)
+        await pages.answer(scope, send, status, error, kind="upstream")
 
     # --- websockets ----------------------------------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

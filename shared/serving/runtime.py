@@ -157,24 +157,37 @@ class TabbyServer:
         if state == "ready":
             sup = self.supervisor
             if sup is not None and sup.exited():  # the watcher is on it: this request need not wait for it
-                return Refusal("Tabby is restarting (it exited); retry shortly", retry_after=RETRY_STARTING)
+                return Refusal(
+                    "Tabby is restarting (it exited); retry shortly",
+                    retry_after=RETRY_STARTING,
+                    kind="restarting",
+                )
             return None
         if state == "restarting":
-            return Refusal(f"Tabby is restarting ({self.reason}); retry shortly", retry_after=RETRY_STARTING)
+            return Refusal(
+                f"Tabby is restarting ({self.reason}); retry shortly",
+                retry_after=RETRY_STARTING,
+                kind="restarting",
+            )
         if state in ("gave_up", "superseded"):
-            return Refusal(f"Tabby is not running: {self.reason}", retry_after=None)
+            return Refusal(f"Tabby is not running: {self.reason}", retry_after=None, kind=state)
         if state == "maintenance":
             self._recheck_maintenance()
             return Refusal(
                 f"maintenance in progress ({self.reason}); Tabby starts when it ends",
                 retry_after=RETRY_MAINTENANCE,
+                kind="maintenance",
             )
         if state in ("new", "hydrating", "starting"):
             what = "restoring its state" if state == "hydrating" else "loading its models"
-            return Refusal(f"Tabby is starting ({what}); retry shortly", retry_after=RETRY_STARTING)
+            return Refusal(
+                f"Tabby is starting ({what}); retry shortly", retry_after=RETRY_STARTING, kind="starting"
+            )
         if state == "failed":
-            return Refusal(f"Tabby failed to start: {self.reason}", retry_after=None)
-        return Refusal("the server is stopping", retry_after=RETRY_STARTING)
+            # jwt_secret_problem's reason starts with the variable's name: that failure has its own page.
+            kind = "bad_secret" if (self.reason or "").startswith(JWT_ENV) else "failed"
+            return Refusal(f"Tabby failed to start: {self.reason}", retry_after=None, kind=kind)
+        return Refusal("the server is stopping", retry_after=RETRY_STARTING, kind="stopping")
 
     # --- start ---------------------------------------------------------------------------------------------
     def start(self) -> bool:
