@@ -25,7 +25,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 
 from shared.serving import pages
-from shared.serving.proxy import ASGIApp, Receive, Scope, Send, reject_websocket
+from shared.serving.asgi import ASGIApp, Receive, Scope, Send, reject_websocket
 from shared.state.database import OWNER_ID
 
 log = logging.getLogger("tabby_modal.guard")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 
-from shared.serving.proxy import ASGIApp
+from shared.serving.asgi import ASGIApp
 
 T = TypeVar("T")
 GRACE = 10.0  # seconds open requests get to finish on stop() before they are cancelled

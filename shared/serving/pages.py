@@ -14,13 +14,9 @@ the `Refresh` header. Everything dynamic (the reason, the Host header) is HTML-e
 from __future__ import annotations
 
 import html
-import json
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
 
-Scope = MutableMapping[str, Any]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from shared.serving.asgi import Scope, Send, send_json
 
 REFRESH = 5  # seconds between reloads of a waiting page
 API_PREFIXES = ("/v1/", "/v1beta/")
@@ -214,23 +210,6 @@ def origin(scope: Scope) -> str:
     if forwarded in ("http", "https"):
         scheme = forwarded  # behind Modal's ingress the browser speaks https
     return f"{scheme}://{host}" if host else ""
-
-
-def json_body(status: int, error: str) -> bytes:
-    return json.dumps({"error": error, "status": status}).encode()
-
-
-async def send_json(send: Send, status: int, error: str, *, retry_after: int | None = None) -> None:
-    body = json_body(status, error)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def render(kind: str, status: int, error: str, scope: Scope | None = None, *, href: str = "") -> str:

@@ -28,24 +28,17 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
 from shared.serving import pages
-from shared.serving.pages import json_body
+from shared.serving.asgi import Message, Receive, Scope, Send, reject_websocket
 
 log = logging.getLogger("tabby_modal.proxy")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HOP_BY_HOP = frozenset(
     {
@@ -119,21 +112,6 @@ def strip_hop_by_hop(
     headers = list(headers)
     drop = HOP_BY_HOP | extra | _connection_tokens(headers)
     return [(k, v) for k, v in headers if k.lower() not in drop]
-
-
-async def reject_websocket(
-    scope: Scope, send: Send, status: int, error: str, *, retry_after: int | None = None
-) -> None:
-    """Refuse a websocket handshake: with an HTTP response where the server supports it, else a plain close (403)."""
-    if "websocket.http.response" in (scope.get("extensions") or {}):
-        body = json_body(status, error)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if retry_after is not None:
-            headers.append((b"retry-after", str(retry_after).encode()))
-        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
-    else:
-        await send({"type": "websocket.close", "code": 1008, "reason": error[:120]})
 
 
 def _sendable(code: int | None) -> int:

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.serving import tabby_config
+from shared.serving.asgi import ASGIApp
 from shared.serving.guard import OwnerGuard
-from shared.serving.proxy import ASGIApp, Proxy, Refusal
+from shared.serving.proxy import Proxy, Refusal
 from shared.serving.supervisor import (
     JWT_ENV,
     Supervisor,
