@@ -36,6 +36,9 @@ MIN_SPREAD = 0.01
 # The rate is measured over the last max(WINDOW_MIN, WINDOW_FRACTION x elapsed) seconds.
 WINDOW_MIN = 5.0
 WINDOW_FRACTION = 0.25
+POINTS_PER_WINDOW = 500
+# No ETA before this share of the work is done: one file after 2 s says nothing of the 20k to come.
+MIN_DONE = 0.01
 # The live bar appears once a run has lasted this long (or `interval`, if shorter): short runs stay silent.
 BAR_DELAY = 1.0
 MAX_FILE_COST = float(1 << 40)
@@ -95,7 +98,11 @@ class Estimate:
             self._tf += w * t * f
             self._tb += w * t * b
             self._t = t
-        self._points.append((t, files, nbytes))
+        # Points closer than 1/500 of the window merge into the last one: a million-file run keeps ~1000 points.
+        if len(self._points) >= 2 and t - self._points[-2][0] < self._window(t) / POINTS_PER_WINDOW:
+            self._points[-1] = (t, files, nbytes)
+        else:
+            self._points.append((t, files, nbytes))
         # The window start only moves forward (WINDOW_FRACTION < 1): points before it are never needed again.
         edge = t - self._window(t)
         while len(self._points) > 2 and self._points[1][0] <= edge:
@@ -236,6 +243,11 @@ class Progress:
         files_left = max((self.total_files or 0) - self.files, 0)
         bytes_left = max((self.total_bytes or 0) - self.bytes, 0)
         if not files_left and not bytes_left:
+            return None
+        if (
+            est.done_fraction(self.files, self.bytes, self.files + files_left, self.bytes + bytes_left)
+            < MIN_DONE
+        ):
             return None
         left = est.remaining(files_left, bytes_left)
         if left is None:
