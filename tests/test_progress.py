@@ -18,6 +18,7 @@ import pty
 import random
 import re
 import subprocess
+import sys
 import termios
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from shared.state.progress import Progress
-from tests.conftest import BIN, clean_env
+from tests.conftest import BIN, REPO, clean_env
 from tests.tabby_root import make_index, make_root
 
 ETA = re.compile(r"^(\S+): (\d+)/(\d+) files, .*, ETA (?:(\d+)h)?(?:(\d+)m)?([\d.]+)s$")
@@ -185,3 +186,54 @@ def test_terminal_gets_a_live_bar_and_a_summary(many_files_root, tmp_path):
     assert redraws >= 2, raw[-2000:]
     summary = frames.rstrip().splitlines()[-1]
     assert re.match(r"^persist: (\d+)/\1 files, .*, done in [\d.]+s$", summary), frames[-1500:]
+
+
+CHILD = """
+from shared.state.progress import Progress
+p = Progress("verify", interval=0)
+p.set_totals(200, 200 << 10)
+for _ in range(200):
+    p.add(1, 1 << 10)
+p.finish()
+"""
+
+
+def _under_pty(env: dict[str, str]) -> str:
+    """CHILD's stderr when it is a pseudo-terminal."""
+    master, slave = pty.openpty()
+    termios.tcsetwinsize(slave, (30, 160))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD], cwd=REPO, env=env, stdin=subprocess.DEVNULL, stderr=slave
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("where", ["terminal", "MODAL_TASK_ID", "MODAL_IS_REMOTE", "CI"])
+def test_bar_only_where_a_person_watches(where, tmp_path):
+    env = clean_env(tmp_path, TERM="xterm-256color")
+    env.pop("CI", None)
+    if where != "terminal":
+        env[where] = "1"  # a Modal container's log or CI output: a TTY there is no person watching
+    out = _under_pty(env)
+    summary = "verify: 200/200 files, 0.2/0.2 MiB"
+    if where == "terminal":
+        assert "\x1b[" in out and "━" in out
+        assert ANSI.sub("", out).rstrip().splitlines()[-1].startswith(summary)
+    else:
+        assert "\x1b" not in out and "━" not in out
+        lines = out.replace("\r\n", "\n").strip().splitlines()
+        assert len(lines) == 201 and lines[-1].startswith(summary) and "done in" in lines[-1]
+        # No ETA from the first 1% of the work (one file of 200 once read "ETA 8h29m"), one after it.
+        assert "ETA" not in lines[0] and "ETA" in lines[2]
