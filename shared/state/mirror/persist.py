@@ -332,13 +332,15 @@ def _persist(
         todo.append(path)
 
     prog = progress or silent()
-    prog.set_totals(len(todo), sum(nodes[p].size for p in todo))
+    # The databases are copied (backup API + check) after the files: part of the work the ETA counts.
+    prog.set_totals(len(todo) + len(dbs), sum(nodes[p].size for p in [*todo, *dbs]))
     with ThreadPoolExecutor(WORKERS) as pool:
         for path, entry in zip(todo, pool.map(run.copy, todo), strict=True):
             if entry is not None:
                 run.new[path] = entry
             prog.add(1, nodes[path].size)
     databases = {p: run.database(p) for p in dbs}
+    prog.add(len(dbs), sum(nodes[p].size for p in dbs))
     for p, item in metas.items():
         if item is None:
             run.new[p] = run.old[p]
