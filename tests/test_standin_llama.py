@@ -216,7 +216,8 @@ def test_client_disconnect_stops_generation(plain: Llama) -> None:
 
     stats = run(scenario)
     assert 3 <= stats["tokens_generated"] < 400, stats
-    assert stats["tokens_after_disconnect"] <= 1 and stats["completed"] == 0, stats
+    # Noticed between tokens (as llama.cpp checks its sink), not by a failed write of one more token.
+    assert stats["tokens_after_disconnect"] == 0 and stats["completed"] == 0, stats
 
 
 def test_chat_completions_stream_openai_chunks_and_done(plain: Llama) -> None:
