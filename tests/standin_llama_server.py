@@ -215,12 +215,15 @@ class LlamaServer:
     # --- slots and generation ---------------------------------------------------------------------------------
     async def slot(self, request: web.Request) -> bool:
         """Wait for a free slot (FIFO, asyncio.Semaphore); False if the client left while waiting."""
-        self.stats.waiting += 1
-        self.stats.max_waiting = max(self.stats.max_waiting, self.stats.waiting)
-        try:
+        if self.slots.locked():  # every slot busy (or others already queued): this one waits
+            self.stats.waiting += 1
+            self.stats.max_waiting = max(self.stats.max_waiting, self.stats.waiting)
+            try:
+                await self.slots.acquire()
+            finally:
+                self.stats.waiting -= 1
+        else:
             await self.slots.acquire()
-        finally:
-            self.stats.waiting -= 1
         if request.transport is None or request.transport.is_closing():
             self.slots.release()
             self.stats.disconnects += 1
