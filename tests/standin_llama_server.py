@@ -191,10 +191,9 @@ class LlamaServer:
                 return error_response(401, "Invalid API Key", "authentication_error")
         try:
             return await handler(request)
-        except web.HTTPNotFound:
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+            # cpp-httplib has no 405: a known path with the wrong method is a 404 like an unknown one.
             return error_response(404, "File Not Found", "not_found_error")
-        except web.HTTPMethodNotAllowed:
-            return error_response(405, "Method Not Allowed", "invalid_request_error")
 
     async def body(self, request: web.Request) -> dict[str, Any]:
         try:

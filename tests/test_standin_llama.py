@@ -306,8 +306,11 @@ def test_api_key_guards_all_but_the_public_endpoints(embedder: Llama) -> None:
                     assert (r.status, await r.json()) == (401, invalid), (path, headers)
         async with s.get(embedder.url + "/props", headers=AUTH) as r:
             assert r.status == 200 and (await r.json())["total_slots"] == 1
-        async with s.get(embedder.url + "/no-such-path", headers=AUTH) as r:
-            assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
+        for path in ("/no-such-path", "/embeddings"):  # GET of a POST route: 404 too, as cpp-httplib
+            async with s.get(embedder.url + path, headers=AUTH) as r:
+                assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
+        async with s.post(embedder.url + "/embeddings", data=b"{not json", headers=AUTH) as r:
+            assert r.status == 500 and (await r.json())["error"]["type"] == "server_error"
 
     run(scenario)
 
