@@ -98,9 +98,7 @@ def run_op(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return fn()
 
 
-REPAIR_HINT = (
-    "what now: docs/recovery.md; `tabby-modal repair --dry-run` shows what a repair would drop and store again"
-)
+REPAIR_HINT = "what now: docs/recovery.md; `tabby-modal repair --dry-run` shows what a repair would drop and store again"
 
 
 def skipped_lines(r: dict[str, Any]) -> list[str]:
@@ -260,9 +258,7 @@ def restore_cmd(
     settings = get_settings()
     confirm_destructive(settings, f"restore {snapshot}", yes)
     ops = ops_for(local)
-    result = run_op(
-        lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume, partial=partial)
-    )
+    result = run_op(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume, partial=partial))
 
     def human(r: dict[str, Any]) -> str:
         safety = f"; safety snapshot {r['safety_snapshot']}" if r.get("safety_snapshot") else ""

@@ -102,7 +102,9 @@ class RemoteOps:
     def restore(
         self, snapshot_id: str, force: bool = False, confirm: str = "", partial: bool = False
     ) -> dict[str, Any]:
-        return self._call("restore", snapshot=snapshot_id, force=force, confirm=confirm, partial=partial)
+        # New arguments only when used: an app deployed before they existed still serves the plain call.
+        extra = {"partial": True} if partial else {}
+        return self._call("restore", snapshot=snapshot_id, force=force, confirm=confirm, **extra)
 
     def repair(self, dry_run: bool = False, confirm: str = "") -> dict[str, Any]:
         return self._call("repair", dry_run=dry_run, confirm=confirm)
@@ -126,7 +128,7 @@ class RemoteOps:
             keep_weekly=keep_weekly,
             dry_run=dry_run,
             confirm=confirm,
-            keep_safety=keep_safety,
+            **({"keep_safety": keep_safety} if keep_safety >= 0 else {}),
         )
 
     def persist(self, root: Path, **kwargs: Any) -> dict[str, Any]:
@@ -143,7 +145,8 @@ class RemoteOps:
         out = Path(out)
         archive.check_out(out, overwrite)
         name = f"export-{secrets.token_hex(6)}.tar.gz"
-        result = self._call("export_archive", snapshot=snapshot_id, name=name, partial=partial)
+        extra = {"partial": True} if partial else {}
+        result = self._call("export_archive", snapshot=snapshot_id, name=name, **extra)
         try:
             with archive.written_whole(out) as sink:
                 self.backups.read_file_into_fileobj(result["transfer"], sink)
