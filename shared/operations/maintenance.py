@@ -151,7 +151,10 @@ class Maintenance:
         # Holds the store lease: a prune in another container must not delete blobs under a verify.
         with self._lease(lease.STORE, "verify", wait=self.store_wait):
             self._reload(self.backups)
-            return self.ops.verify(snapshot_id, sample)
+            result = self.ops.verify(snapshot_id, sample)
+            if result.get("corrupt"):  # quarantined (store.quarantine): the next snapshot must see it
+                self._commit(self.backups)
+            return result
 
     # --- writes to the backups store --------------------------------------------------------------------------
 
