@@ -266,8 +266,9 @@ def test_repair_and_partial_restore_through_the_app(tmp_path, fake, ops):
     raw = bytearray(path.read_bytes())
     raw[off] ^= 1
     path.write_bytes(bytes(raw))
-    assert not ops.verify()["ok"]  # the corrupt copy is quarantined, and that is committed: a snapshot in
-    assert (fake.backups.committed / "quarantine.json").is_file()  # another container will not dedup against it
+    # The corrupt copy is quarantined, and committed: a snapshot in another container will not dedup against it.
+    assert not ops.verify()["ok"]
+    assert (fake.backups.committed / "quarantine.json").is_file()
     before = tree_state(fake.backups.committed)
     assert ops.repair(dry_run=True)["lost"] == {snap["id"]: ["note.txt"]}
     assert tree_state(fake.backups.committed) == before
