@@ -15,6 +15,7 @@ server and other maintenance runs out of the way. Every function also runs ad ho
     modal run -m apps.maintenance::prune [--keep-last 7] [--dry-run] --confirm tabby-data
     modal run -m apps.maintenance::restore --snapshot ID --confirm tabby-data      # server stopped first
     modal run -m apps.maintenance::reset --scope auth --confirm tabby-data         # server stopped first
+    modal run -m apps.maintenance::repair [--dry-run] --confirm tabby-data         # after verify found corruption
 
 Destructive ones need `--confirm` with the data Volume's name (`tabby-modal` passes it after its own two-signal
 check); `--force` skips the running-server check and is dangerous.
@@ -66,11 +67,24 @@ def inspect(snapshot: str = "") -> dict:
 
 
 @app.function(image=image, **options)
-def restore(snapshot: str, force: bool = False, confirm: str = "") -> dict:
-    """Replace /data with a snapshot: verified, safety snapshot first, server stopped, maintenance lease held."""
+def restore(snapshot: str, force: bool = False, confirm: str = "", partial: bool = False) -> dict:
+    """Replace /data with a snapshot: verified, safety snapshot first, server stopped, maintenance lease held.
+    `partial` leaves out (and names) the files whose blobs are corrupt."""
     return maintenance.run(
-        "restore", data=data, backups=backups, snapshot=snapshot, force=force, confirm=confirm
+        "restore",
+        data=data,
+        backups=backups,
+        snapshot=snapshot,
+        force=force,
+        confirm=confirm,
+        partial=partial,
     )
+
+
+@app.function(image=image, **options)
+def repair(dry_run: bool = False, confirm: str = "") -> dict:
+    """Drop corrupt blobs from the store, store again those /data still has, name what each snapshot lost."""
+    return maintenance.run("repair", data=data, backups=backups, dry_run=dry_run, confirm=confirm)
 
 
 @app.function(image=image, **options)
@@ -81,7 +95,12 @@ def reset(scope: str, force: bool = False, confirm: str = "") -> dict:
 
 @app.function(image=image, **options)
 def prune(
-    keep_last: int = -1, keep_daily: int = -1, keep_weekly: int = -1, dry_run: bool = False, confirm: str = ""
+    keep_last: int = -1,
+    keep_daily: int = -1,
+    keep_weekly: int = -1,
+    dry_run: bool = False,
+    confirm: str = "",
+    keep_safety: int = -1,
 ) -> dict:
     """Apply retention (negative counts: the settings), then delete unreferenced blobs."""
     return maintenance.run(
@@ -93,13 +112,16 @@ def prune(
         keep_weekly=keep_weekly,
         dry_run=dry_run,
         confirm=confirm,
+        keep_safety=keep_safety,
     )
 
 
 @app.function(image=image, **options)
-def export_archive(snapshot: str, name: str) -> dict:
+def export_archive(snapshot: str, name: str, partial: bool = False) -> dict:
     """Write a snapshot as /backups/transfer/NAME (a .tar.gz) for `tabby-modal export` to download."""
-    return maintenance.run("export_archive", data=data, backups=backups, snapshot=snapshot, name=name)
+    return maintenance.run(
+        "export_archive", data=data, backups=backups, snapshot=snapshot, name=name, partial=partial
+    )
 
 
 @app.function(image=image, **options)

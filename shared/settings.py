@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     keep_weekly: int = Field(
         8, ge=0, le=10000, description="Retention: one snapshot per ISO week for this many weeks."
     )
+    keep_safety: int = Field(
+        3,
+        ge=0,
+        le=10000,
+        description="Retention: safety (pre-restore, pre-reset, pre-upgrade) snapshots kept, counted apart.",
+    )
     maintenance_timeout: int = Field(
         3600,
         ge=60,

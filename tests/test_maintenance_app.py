@@ -21,6 +21,7 @@ OPERATIONS = [
     "prune",
     "export_archive",
     "import_archive",
+    "repair",
     "scheduled_backup",
 ]
 

@@ -248,3 +248,35 @@ def test_every_refusal_reaches_the_caller_as_one_line(tmp_path, fake, ops):
     assert fake.calls == [
         ("restore", {"snapshot": "20990101T000000Z-abcd-nope", "force": False, "confirm": "tabby-data"})
     ]
+
+
+def test_repair_and_partial_restore_through_the_app(tmp_path, fake, ops):
+    """A corrupt blob in the committed backups Volume: repair (a dry run needs no confirmation and writes nothing),
+    then a partial restore names the file the snapshot lost; both commit what they wrote."""
+    server = Server(fake, tmp_path)
+    (server.live / "note.txt").write_text("only in the first snapshot\n")
+    server.persist()
+    snap = ops.snapshot("x")
+    (server.live / "note.txt").unlink()
+    server.persist()
+    store = fresh_store(fake, tmp_path)
+    name, off, _ = store.locate(store.load(snap["id"]).files["note.txt"].sha256)
+    path = fake.backups.committed / name
+    path.chmod(0o644)
+    raw = bytearray(path.read_bytes())
+    raw[off] ^= 1
+    path.write_bytes(bytes(raw))
+    # The corrupt copy is quarantined, and committed: a snapshot in another container will not dedup against it.
+    assert not ops.verify()["ok"]
+    assert (fake.backups.committed / "quarantine.json").is_file()
+    before = tree_state(fake.backups.committed)
+    assert ops.repair(dry_run=True)["lost"] == {snap["id"]: ["note.txt"]}
+    assert tree_state(fake.backups.committed) == before
+    with pytest.raises(StateError, match="confirm"):
+        ops.repair()
+    assert ops.repair(confirm="tabby-data")["lost"] == {snap["id"]: ["note.txt"]}
+    assert fresh_store(fake, tmp_path).verify()["ok"]  # committed
+    with pytest.raises(StateError, match="--partial"):
+        ops.restore(snap["id"], confirm="tabby-data")
+    res = ops.restore(snap["id"], confirm="tabby-data", partial=True)
+    assert [m["path"] for m in res["left_out"]] == ["note.txt"] and res["files"] > 10

@@ -21,7 +21,7 @@ def main() -> None:
     as_json = "--json" in sys.argv[1:]
     try:
         # Imported here so each module registers its commands on `cli` exactly once.
-        from shared.cli import maintenance, serve, setup, state, status, upgrade, warm  # noqa: F401
+        from shared.cli import maintenance, repair, serve, setup, state, status, upgrade, warm  # noqa: F401
 
         code = cli.main(prog_name="tabby-modal", standalone_mode=False)
     except KeyboardInterrupt:

@@ -12,31 +12,45 @@ from typing import Any
 
 import click
 
-from shared.cli.common import CommandError, cli, emit, handled, json_option, local_option, lock_line, say
-from shared.cli.state import kept_only_on_success, ops_for, run_op
+from shared.cli.common import (
+    EXIT_PROBLEMS,
+    CommandError,
+    cli,
+    emit,
+    handled,
+    json_option,
+    local_option,
+    lock_line,
+    say,
+)
+from shared.cli.state import kept_only_on_success, left_out_lines, ops_for, run_op, skipped_lines
 from shared.state.progress import mib
 
 
 @cli.command("export")
 @click.argument("snapshot")
 @click.option("--out", "out", required=True, metavar="FILE.tar.gz", help="Archive to write (must not exist).")
+@click.option("--partial", is_flag=True, help="Export what is intact, naming each file left out (exit 1).")
 @local_option
 @json_option
 @handled
-def export_cmd(snapshot: str, out: str, local: str | None, as_json: bool) -> None:
+def export_cmd(snapshot: str, out: str, partial: bool, local: str | None, as_json: bool) -> None:
     """Write SNAPSHOT (or `latest`) as a .tar.gz of a Tabby root: `tar -xzf FILE -C ~/.tabby` restores it."""
     if not out.endswith((".tar.gz", ".tgz")):
         raise CommandError(f"--out {out!r}: name the archive FILE.tar.gz")
     ops = ops_for(local)
-    result = run_op(lambda: ops.export_archive(snapshot, Path(out)))
+    result = run_op(lambda: ops.export_archive(snapshot, Path(out), partial=partial))
 
     def human(r: dict[str, Any]) -> str:
-        return (
+        text = (
             f"exported {r['snapshot']}: {r['files']} files, {mib(r['bytes'])} -> {r['path']} "
             f"({mib(r['archive_bytes'])} compressed, sha256 {r['sha256'][:12]})"
         )
+        return "\n".join([*skipped_lines(r), text, *left_out_lines(r)])
 
     emit(result, as_json, human)
+    if result.get("left_out"):
+        raise SystemExit(EXIT_PROBLEMS)
 
 
 @cli.command("import")

@@ -98,6 +98,20 @@ def run_op(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return fn()
 
 
+REPAIR_HINT = "what now: docs/recovery.md; `tabby-modal repair --dry-run` shows what a repair would drop and store again"
+
+
+def skipped_lines(r: dict[str, Any]) -> list[str]:
+    """`latest` passed over a newer snapshot whose manifest does not load: say so."""
+    return [f"note: skipped newer snapshot {s['id']}: {s['problem']}" for s in r.get("skipped_newer") or []]
+
+
+def left_out_lines(r: dict[str, Any]) -> list[str]:
+    """A partial restore or export: every file left out, by name."""
+    out = r.get("left_out") or []
+    return [f"LEFT OUT {len(out)} files:"] * bool(out) + [f"  {m['path']}: {m['problem']}" for m in out]
+
+
 def _require_local(local: str | None, command: str) -> None:
     if local is None:
         raise CommandError(
@@ -216,7 +230,9 @@ def verify_cmd(snapshot: str | None, sample: float | None, local: str | None, as
             f"{'ok' if r['ok'] else 'PROBLEMS'}: {r['snapshots']} snapshots, "
             f"{r['blobs_checked']}/{r['blobs']} blobs re-hashed, {r['databases_drilled']} databases drilled"
         )
-        return "\n".join([head, *(f"  {p['snapshot']}  {p['path']}: {p['problem']}" for p in r["problems"])])
+        packs = [f"  pack {n}: {why}" for n, why in (r.get("bad_packs") or {}).items()]
+        lines = [head, *(f"  {p['snapshot']}  {p['path']}: {p['problem']}" for p in r["problems"]), *packs]
+        return "\n".join([*lines, *([REPAIR_HINT] if not r["ok"] else [])])
 
     emit(result, as_json, human)
     if not result["ok"]:
@@ -231,21 +247,27 @@ def verify_cmd(snapshot: str | None, sample: float | None, local: str | None, as
 @click.option(
     "--force", is_flag=True, help="Even if a server seems to be running or the safety snapshot fails."
 )
+@click.option("--partial", is_flag=True, help="Restore what is intact, naming each file left out (exit 1).")
 @local_option
 @json_option
 @handled
-def restore_cmd(snapshot: str, yes: bool, force: bool, local: str | None, as_json: bool) -> None:
+def restore_cmd(
+    snapshot: str, yes: bool, force: bool, partial: bool, local: str | None, as_json: bool
+) -> None:
     """Replace the data dir with SNAPSHOT (or `latest`): verified first, a safety snapshot taken, staged, swapped."""
     settings = get_settings()
     confirm_destructive(settings, f"restore {snapshot}", yes)
     ops = ops_for(local)
-    result = run_op(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume))
+    result = run_op(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume, partial=partial))
 
     def human(r: dict[str, Any]) -> str:
         safety = f"; safety snapshot {r['safety_snapshot']}" if r.get("safety_snapshot") else ""
-        return f"restored {r['restored']}: {r['files']} files, {mib(r['bytes'])}{safety}"
+        text = f"restored {r['restored']}: {r['files']} files, {mib(r['bytes'])}{safety}"
+        return "\n".join([*skipped_lines(r), text, *left_out_lines(r)])
 
     emit(result, as_json, human)
+    if result.get("left_out"):
+        raise SystemExit(EXIT_PROBLEMS)
 
 
 @cli.command("prune")
@@ -278,7 +300,11 @@ def prune_cmd(
     if not dry_run:
         confirm_destructive(settings, "prune", yes)
     ops = ops_for(local)
-    result = run_op(lambda: ops.prune(last, daily, weekly, dry_run, confirm=settings.data_volume))
+    result = run_op(
+        lambda: ops.prune(
+            last, daily, weekly, dry_run, confirm=settings.data_volume, keep_safety=settings.keep_safety
+        )
+    )
 
     def human(r: dict[str, Any]) -> str:
         verb = "would remove" if r["dry_run"] else "removed"

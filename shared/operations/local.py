@@ -11,9 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.operations import versions
 from shared.state import inspection, mirror
 from shared.state.progress import DEFAULT_INTERVAL, Progress
 from shared.state.store import Store
+from shared.state.store.prune import KEEP_SAFETY
 
 if TYPE_CHECKING:
     pass
@@ -63,16 +65,34 @@ class LocalOps:
         """{ok, problems: [{snapshot, path, problem}], snapshots, blobs, blobs_checked, ...}."""
         return self.store.verify(snapshot_id, sample)
 
-    def restore(self, snapshot_id: str, force: bool = False, guard: bool = True) -> dict[str, Any]:
-        """{restored, files, bytes, safety_snapshot, seconds}; StateError when refused (nothing written).
-        `guard=False` skips the recent-persist heuristic (for callers that asked Modal whether a server runs)."""
-        return self.store.restore(snapshot_id, self.data_dir, force=force, guard=guard)
+    def restore(
+        self, snapshot_id: str, force: bool = False, guard: bool = True, partial: bool = False
+    ) -> dict[str, Any]:
+        """{restored, files, bytes, safety_snapshot, left_out, skipped_newer, seconds}; StateError when refused
+        (nothing written). `guard=False` skips the recent-persist heuristic (for callers that asked Modal whether a
+        server runs); `partial` leaves out files whose blobs are corrupt (see store.restore)."""
+        return self.store.restore(snapshot_id, self.data_dir, force=force, guard=guard, partial=partial)
 
     def prune(
-        self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False
+        self,
+        keep_last: int,
+        keep_daily: int,
+        keep_weekly: int,
+        dry_run: bool = False,
+        keep_safety: int = KEEP_SAFETY,
     ) -> dict[str, Any]:
-        """{dry_run, kept, removed, blobs_removed, bytes_freed, ...}."""
-        return self.store.prune(keep_last, keep_daily, keep_weekly, dry_run=dry_run)
+        """{dry_run, kept, removed, blobs_removed, bytes_freed, ...}. The pre-upgrade snapshot of the last
+        upgrade recorded (shared.operations.versions) is kept whatever the counts say: it is the way back."""
+        current = versions.read(self.backups_dir)["current"] or {}
+        pinned = frozenset({str(current["snapshot"])} if current.get("snapshot") else ())
+        return self.store.prune(
+            keep_last, keep_daily, keep_weekly, dry_run=dry_run, keep_safety=keep_safety, pinned=pinned
+        )
+
+    def repair(self, dry_run: bool = False) -> dict[str, Any]:
+        """{dry_run, corrupt_blobs, stored_again, packs_rewritten, lost: {snapshot: [path]}, ...}: the data dir
+        is where lost blobs are looked for (see store.repair)."""
+        return self.store.repair(self.data_dir, dry_run=dry_run)
 
     def reset(self, scope: str, force: bool = False, guard: bool = True) -> dict[str, Any]:
         """{scope, removed_files, removed_bytes, files_left, safety_snapshot, seconds}."""

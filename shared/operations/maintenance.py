@@ -27,6 +27,7 @@ from shared.operations import versions
 from shared.operations.local import LocalOps
 from shared.state import archive, lease, locks, serve_lock
 from shared.state.atomic import StateError
+from shared.state.store.prune import KEEP_SAFETY
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -150,7 +151,10 @@ class Maintenance:
         # Holds the store lease: a prune in another container must not delete blobs under a verify.
         with self._lease(lease.STORE, "verify", wait=self.store_wait):
             self._reload(self.backups)
-            return self.ops.verify(snapshot_id, sample)
+            result = self.ops.verify(snapshot_id, sample)
+            if result.get("corrupt"):  # quarantined (store.quarantine): the next snapshot must see it
+                self._commit(self.backups)
+            return result
 
     # --- writes to the backups store --------------------------------------------------------------------------
 
@@ -171,32 +175,56 @@ class Maintenance:
             return self.ops.snapshot(label)
 
     def prune(
-        self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False, confirm: str = ""
+        self,
+        keep_last: int,
+        keep_daily: int,
+        keep_weekly: int,
+        dry_run: bool = False,
+        confirm: str = "",
+        keep_safety: int = KEEP_SAFETY,
     ) -> dict[str, Any]:
         self._reload(self.backups)
         self._need_store()
         if dry_run:
-            return self.ops.prune(keep_last, keep_daily, keep_weekly, dry_run=True)
+            return self.ops.prune(keep_last, keep_daily, keep_weekly, dry_run=True, keep_safety=keep_safety)
         self._confirm("prune", confirm)
         with self._writing_store("prune"):
-            return self.ops.prune(keep_last, keep_daily, keep_weekly)
+            return self.ops.prune(keep_last, keep_daily, keep_weekly, keep_safety=keep_safety)
 
-    def scheduled(self, keep_last: int, keep_daily: int, keep_weekly: int) -> dict[str, Any]:
+    def scheduled(
+        self, keep_last: int, keep_daily: int, keep_weekly: int, keep_safety: int = KEEP_SAFETY
+    ) -> dict[str, Any]:
         """The daily job: a snapshot labelled `scheduled`, then retention."""
         snap = self.snapshot("scheduled")
-        pruned = self.prune(keep_last, keep_daily, keep_weekly, confirm=self.data_volume_name)
+        pruned = self.prune(
+            keep_last, keep_daily, keep_weekly, confirm=self.data_volume_name, keep_safety=keep_safety
+        )
         return {"snapshot": snap, "prune": pruned}
 
-    def export_archive(self, snapshot_id: str, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
-        """Write a snapshot as a .tar.gz at `out` (see shared.state.archive)."""
+    def repair(self, dry_run: bool = False, confirm: str = "") -> dict[str, Any]:
+        """Drop corrupt blobs from the store, store again those /data still has (see store.repair). It rewrites
+        packs and manifests: confirmed like prune, except a dry run."""
+        self._reload(self.backups, self.data)
+        self._need_store()
+        if dry_run:
+            with self._lease(lease.STORE, "repair", wait=self.store_wait):
+                return self.ops.repair(dry_run=True)
+        self._confirm("repair", confirm)
+        with self._writing_store("repair"):
+            return self.ops.repair()
+
+    def export_archive(
+        self, snapshot_id: str, out: Path, *, overwrite: bool = False, partial: bool = False
+    ) -> dict[str, Any]:
+        """Write a snapshot as a .tar.gz at `out` (see shared.state.archive); `partial` leaves out corrupt files."""
         with self._lease(lease.STORE, "export", wait=self.store_wait):
             self._reload(self.backups)
-            return self._export(snapshot_id, Path(out), overwrite)
+            return self._export(snapshot_id, Path(out), overwrite, partial)
 
-    def _export(self, snapshot_id: str, out: Path, overwrite: bool) -> dict[str, Any]:
+    def _export(self, snapshot_id: str, out: Path, overwrite: bool, partial: bool = False) -> dict[str, Any]:
         progress = self.ops.progress("export")
         return archive.export_snapshot(
-            self.ops.store, snapshot_id, out, progress=progress, overwrite=overwrite
+            self.ops.store, snapshot_id, out, progress=progress, overwrite=overwrite, partial=partial
         )
 
     def import_archive(
@@ -214,14 +242,14 @@ class Maintenance:
                 if remove_after:
                     Path(path).unlink(missing_ok=True)
 
-    def export_transfer(self, snapshot_id: str, name: str) -> dict[str, Any]:
+    def export_transfer(self, snapshot_id: str, name: str, partial: bool = False) -> dict[str, Any]:
         """Export into the backups Volume's transfer folder, committed, for the client to download."""
         rel, path = self._transfer(name)
         with self._lease(lease.STORE, "export", wait=self.store_wait):
             self._reload(self.backups)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                result = self._export(snapshot_id, path, overwrite=False)
+                result = self._export(snapshot_id, path, overwrite=False, partial=partial)
             finally:
                 self._commit(self.backups)
         return {**result, "transfer": rel}
@@ -250,12 +278,16 @@ class Maintenance:
             with self._writing_store(action, then=self.data):
                 yield
 
-    def restore(self, snapshot_id: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
+    def restore(
+        self, snapshot_id: str, force: bool = False, confirm: str = "", partial: bool = False
+    ) -> dict[str, Any]:
         self._confirm(f"restore {snapshot_id}", confirm)
         self._reload(self.backups)
         self.ops.store.resolve(snapshot_id)  # an unknown id is refused before any lease is taken
         with self._writing_data("restore", force):
-            return self.ops.restore(snapshot_id, force=force, guard=self.server_containers is None)
+            return self.ops.restore(
+                snapshot_id, force=force, guard=self.server_containers is None, partial=partial
+            )
 
     def reset(self, scope: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
         self._confirm(f"reset --scope {scope}", confirm)
@@ -383,12 +415,14 @@ def _prune(
     keep_weekly: int = -1,
     dry_run: bool = False,
     confirm: str = "",
+    keep_safety: int = -1,
 ) -> dict[str, Any]:
     # A negative count means "from the settings" (what `modal run ... ::prune` without flags gets).
     last = s.keep_last if keep_last < 0 else keep_last
     daily = s.keep_daily if keep_daily < 0 else keep_daily
     weekly = s.keep_weekly if keep_weekly < 0 else keep_weekly
-    return m.prune(last, daily, weekly, dry_run=dry_run, confirm=confirm)
+    safety = s.keep_safety if keep_safety < 0 else keep_safety
+    return m.prune(last, daily, weekly, dry_run=dry_run, confirm=confirm, keep_safety=safety)
 
 
 OPERATIONS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -396,12 +430,15 @@ OPERATIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "snapshots": lambda m, s: m.snapshots(),
     "verify": _verify,
     "inspect": lambda m, s, snapshot="": m.inspect(snapshot or None),
-    "restore": lambda m, s, snapshot, force=False, confirm="": m.restore(snapshot, force, confirm),
+    "restore": lambda m, s, snapshot, force=False, confirm="", partial=False: m.restore(
+        snapshot, force, confirm, partial
+    ),
     "reset": lambda m, s, scope, force=False, confirm="": m.reset(scope, force, confirm),
     "prune": _prune,
-    "export_archive": lambda m, s, snapshot, name: m.export_transfer(snapshot, name),
+    "export_archive": lambda m, s, snapshot, name, partial=False: m.export_transfer(snapshot, name, partial),
+    "repair": lambda m, s, dry_run=False, confirm="": m.repair(dry_run, confirm),
     "import_archive": lambda m, s, name, label="import": m.import_transfer(name, label),
-    "scheduled_backup": lambda m, s: m.scheduled(s.keep_last, s.keep_daily, s.keep_weekly),
+    "scheduled_backup": lambda m, s: m.scheduled(s.keep_last, s.keep_daily, s.keep_weekly, s.keep_safety),
 }
 
 

@@ -99,14 +99,27 @@ class RemoteOps:
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         return self._call("inspect", snapshot=snapshot_id or "")
 
-    def restore(self, snapshot_id: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
-        return self._call("restore", snapshot=snapshot_id, force=force, confirm=confirm)
+    def restore(
+        self, snapshot_id: str, force: bool = False, confirm: str = "", partial: bool = False
+    ) -> dict[str, Any]:
+        # New arguments only when used: an app deployed before they existed still serves the plain call.
+        extra = {"partial": True} if partial else {}
+        return self._call("restore", snapshot=snapshot_id, force=force, confirm=confirm, **extra)
+
+    def repair(self, dry_run: bool = False, confirm: str = "") -> dict[str, Any]:
+        return self._call("repair", dry_run=dry_run, confirm=confirm)
 
     def reset(self, scope: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
         return self._call("reset", scope=scope, force=force, confirm=confirm)
 
     def prune(
-        self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool = False, confirm: str = ""
+        self,
+        keep_last: int,
+        keep_daily: int,
+        keep_weekly: int,
+        dry_run: bool = False,
+        confirm: str = "",
+        keep_safety: int = -1,
     ) -> dict[str, Any]:
         return self._call(
             "prune",
@@ -115,6 +128,7 @@ class RemoteOps:
             keep_weekly=keep_weekly,
             dry_run=dry_run,
             confirm=confirm,
+            **({"keep_safety": keep_safety} if keep_safety >= 0 else {}),
         )
 
     def persist(self, root: Path, **kwargs: Any) -> dict[str, Any]:
@@ -124,12 +138,15 @@ class RemoteOps:
 
     # --- archives ---------------------------------------------------------------------------------------------
 
-    def export_archive(self, snapshot_id: str, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    def export_archive(
+        self, snapshot_id: str, out: Path, *, overwrite: bool = False, partial: bool = False
+    ) -> dict[str, Any]:
         """The app writes the archive into transfer/; we stream it down, check its sha256, then delete it there."""
         out = Path(out)
         archive.check_out(out, overwrite)
         name = f"export-{secrets.token_hex(6)}.tar.gz"
-        result = self._call("export_archive", snapshot=snapshot_id, name=name)
+        extra = {"partial": True} if partial else {}
+        result = self._call("export_archive", snapshot=snapshot_id, name=name, **extra)
         try:
             with archive.written_whole(out) as sink:
                 self.backups.read_file_into_fileobj(result["transfer"], sink)

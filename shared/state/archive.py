@@ -27,10 +27,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from shared.state import database
-from shared.state.atomic import StateError, fsync_dir, tmp_path
+from shared.state.atomic import HashMismatch, StateError, fsync_dir, tmp_path
 from shared.state.mirror import Entry
 from shared.state.progress import Progress, silent
-from shared.state.store import Store
+from shared.state.store import Store, restore, verify
 
 # Top-level names of a Tabby root: a single top folder with one of these names is content, not a wrapper.
 TABBY_TOP = frozenset({"ee", "index", "events", "repositories", "models", "dataset", "config.toml"})
@@ -94,30 +94,52 @@ def _tarinfo(entry: Entry) -> tarfile.TarInfo:
 
 
 def export_snapshot(
-    store: Store, snapshot_id: str, out: Path, *, progress: Progress | None = None, overwrite: bool = False
+    store: Store,
+    snapshot_id: str,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Write snapshot `snapshot_id` (or `latest`) to `out` as a .tar.gz; the file appears only when complete.
 
-    Returns {snapshot, path, files, bytes, archive_bytes, sha256, seconds}.
+    With `partial` the snapshot is verified first and the files whose blobs are corrupt or missing are left out
+    (named in `left_out`), the database first in the archive. Without it a corrupt blob refuses the export.
+    Returns {snapshot, path, files, bytes, archive_bytes, sha256, left_out, skipped_newer, seconds}.
     """
     started = time.monotonic()
     out = Path(out)
     check_out(out, overwrite)
-    snap = store.load(snapshot_id)
+    sid, skipped = store.resolve_noting(snapshot_id)
+    snap = store.load(sid)
+    missing: list[dict[str, str]] = []
+    paths = None
+    if partial:
+        missing = restore.left_out(snap, verify.verify(store, sid)["problems"])
+        gone = {m["path"] for m in missing}
+        paths = sorted(
+            (p for p in snap.files if p not in gone), key=lambda p: (p not in database.DB_PATHS, p)
+        )
     prog = progress or silent()
     prog.set_totals(len(snap.files), snap.bytes)
     files = nbytes = 0
-    with (
-        written_whole(out) as sink,
-        tarfile.open(fileobj=sink, mode="w|gz", format=tarfile.PAX_FORMAT) as tar,  # type: ignore[call-overload]
-    ):
-        for entry, reader in store.iter_files(snap.id):
-            tar.addfile(_tarinfo(entry), reader)
-            files += 1
-            nbytes += entry.size
-            prog.add(1, entry.size)
+    try:
+        with (
+            written_whole(out) as sink,
+            tarfile.open(fileobj=sink, mode="w|gz", format=tarfile.PAX_FORMAT) as tar,  # type: ignore[call-overload]
+        ):
+            for entry, reader in store.iter_files(snap.id, paths):
+                tar.addfile(_tarinfo(entry), reader)
+                files += 1
+                nbytes += entry.size
+                prog.add(1, entry.size)
+    except (HashMismatch, FileNotFoundError) as err:
+        raise StateError(f"refused: export of {snap.id}: {err}; nothing written. {restore.HINT}") from None
     prog.finish()
     return {
+        "left_out": missing,
+        "skipped_newer": skipped,
         "snapshot": snap.id,
         "path": str(out),
         "files": files,

@@ -30,7 +30,7 @@ from typing import IO, Any
 from shared.state.locks import StoreLock
 from shared.state.mirror import Entry
 from shared.state.progress import Progress
-from shared.state.store import prune, restore, snapshotting, verify
+from shared.state.store import prune, repair, restore, snapshotting, verify
 from shared.state.store.backend import Backend, DirectoryBackend, blob_name, snapshot_name
 from shared.state.store.core import Catalog, Snapshot, StoreCore, UnknownSnapshot
 
@@ -90,22 +90,49 @@ class Store(StoreCore):
         return verify.verify(self, snapshot_id, sample)
 
     def restore(
-        self, snapshot_id: str, data_dir: Path, *, force: bool = False, guard: bool = True
+        self,
+        snapshot_id: str,
+        data_dir: Path,
+        *,
+        force: bool = False,
+        guard: bool = True,
+        partial: bool = False,
     ) -> dict[str, Any]:
         """Replace a data dir's content with a snapshot (see `restore.restore`)."""
-        return restore.restore(self, snapshot_id, data_dir, force=force, guard=guard)
+        return restore.restore(self, snapshot_id, data_dir, force=force, guard=guard, partial=partial)
 
     def reset(self, data_dir: Path, scope: str, *, force: bool = False, guard: bool = True) -> dict[str, Any]:
         """Delete part of a data dir after a safety snapshot (see `restore.reset`)."""
         return restore.reset(self, data_dir, scope, force=force, guard=guard)
 
     @staticmethod
-    def plan(snaps: list[Snapshot], keep_last: int, keep_daily: int, keep_weekly: int) -> set[str]:
+    def plan(
+        snaps: list[Snapshot],
+        keep_last: int,
+        keep_daily: int,
+        keep_weekly: int,
+        keep_safety: int = prune.KEEP_SAFETY,
+        pinned: frozenset[str] = frozenset(),
+    ) -> set[str]:
         """Ids the retention rules keep (see `prune.plan`)."""
-        return prune.plan(snaps, keep_last, keep_daily, keep_weekly)
+        return prune.plan(snaps, keep_last, keep_daily, keep_weekly, keep_safety, pinned)
 
     def prune(
-        self, keep_last: int, keep_daily: int, keep_weekly: int, *, dry_run: bool = False
+        self,
+        keep_last: int,
+        keep_daily: int,
+        keep_weekly: int,
+        *,
+        dry_run: bool = False,
+        keep_safety: int = prune.KEEP_SAFETY,
+        pinned: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
         """Forget snapshots outside the retention rules, then delete what no kept snapshot names (see `prune.prune`)."""
-        return prune.prune(self, keep_last, keep_daily, keep_weekly, dry_run=dry_run)
+        return prune.prune(
+            self, keep_last, keep_daily, keep_weekly, dry_run=dry_run, keep_safety=keep_safety, pinned=pinned
+        )
+
+    def repair(self, data_dir: Path, *, dry_run: bool = False) -> dict[str, Any]:
+        """Drop corrupt blobs, store again those `data_dir` still has, report what each snapshot lost (see
+        `repair.repair`)."""
+        return repair.repair(self, Path(data_dir), dry_run=dry_run)

@@ -92,6 +92,10 @@ class Backend(Protocol):
         """The (sha256, offset, length) of each blob in a pack; StateError when its trailer is unreadable."""
         ...
 
+    def set_aside(self, name: str, to: str) -> None:
+        """Move object `name` to `to` (a corrupt loose blob out of `blobs/`, so its name can be written again)."""
+        ...
+
 
 class DirectoryBackend:
     """A plain directory: a local folder, or a mounted Modal Volume (the caller commits it)."""
@@ -166,6 +170,12 @@ class DirectoryBackend:
     def pack_index(self, name: str) -> list[tuple[str, int, int]]:
         with open(self._path(name), "rb") as f:
             return parse_pack_index(f, os.fstat(f.fileno()).st_size)
+
+    def set_aside(self, name: str, to: str) -> None:
+        dst = self._path(to)
+        ensure_dir(dst.parent)
+        os.replace(self._path(name), dst)
+        fsync_dir(dst.parent)
 
     def _claim(self, path: Path | str) -> bool:
         """Inside a batch: reserve a final name (False if this batch already writes it)."""

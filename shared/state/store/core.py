@@ -10,7 +10,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
 from shared.state import mirror
@@ -22,6 +22,7 @@ from shared.state.atomic import (
 )
 from shared.state.mirror import Entry
 from shared.state.progress import Progress, silent
+from shared.state.store import quarantine
 from shared.state.store.backend import Backend, snapshot_name
 
 FORMAT = 1
@@ -73,6 +74,8 @@ class Catalog:
     packed: dict[str, tuple[str, int, int]]  # sha256 -> (pack name, offset, length)
     packs: dict[str, list[tuple[str, int, int]]]  # readable pack name -> its index
     bad_packs: dict[str, str]  # pack name -> why its index is unreadable
+    # sha256 -> objects holding a copy found corrupt (skipped above; see store.quarantine)
+    quarantined: dict[str, list[str]] = field(default_factory=dict)
 
     def has(self, sha256: str | None, *, loose: bool = False) -> bool:
         return sha256 in self.loose or (not loose and sha256 in self.packed)
@@ -137,6 +140,8 @@ class StoreCore:
         packed: dict[str, tuple[str, int, int]] = {}
         packs: dict[str, list[tuple[str, int, int]]] = {}
         bad: dict[str, str] = {}
+        # A copy found corrupt is never read nor counted for dedup: the next snapshot stores the blob again.
+        skip = {(r["sha256"], r["object"]) for r in quarantine.load(self.backend)}
         for name in sorted(self.backend.list("packs/")):
             if is_tmp(name):
                 continue
@@ -150,8 +155,13 @@ class StoreCore:
                 self._pack_cache[name] = index
             packs[name] = index
             for sha, off, n in index:
-                packed.setdefault(sha, (name, off, n))
-        return Catalog(loose, packed, packs, bad)
+                if (sha, name) not in skip:
+                    packed.setdefault(sha, (name, off, n))
+        held: dict[str, list[str]] = {}
+        for sha, obj in sorted(skip):
+            if obj in packs or (obj.startswith(quarantine.ASIDE) and self.backend.exists(obj)):
+                held.setdefault(sha, []).append(obj)
+        return Catalog(loose, packed, packs, bad, held)
 
     def forget_pack_indexes(self) -> None:
         """Read every pack index again on the next `catalog()` (verify checks their checksums)."""
@@ -210,6 +220,22 @@ class StoreCore:
         if not self.backend.exists(snapshot_name(snapshot_id)):
             raise UnknownSnapshot(f"unknown snapshot {snapshot_id!r} (see `tabby-modal snapshots`)")
         return snapshot_id
+
+    def resolve_noting(self, snapshot_id: str) -> tuple[str, list[dict[str, str]]]:
+        """`resolve`, and for `latest` the newer snapshots it passed over because their manifest does not load
+        ([{id, problem}]): a caller names them instead of silently taking an older one."""
+        sid = self.resolve(snapshot_id)
+        if snapshot_id != "latest":
+            return sid, []
+        skipped = []
+        for other in self.ids():
+            if other[:16] < sid[:16] or other == sid:  # ids start with their UTC time stamp
+                continue
+            try:
+                self.load(other)
+            except (StateError, OSError) as err:
+                skipped.append({"id": other, "problem": str(err)})
+        return sid, skipped
 
     def load(self, snapshot_id: str) -> Snapshot:
         """The validated manifest of a snapshot; StateError (one line) when it is malformed or unsafe."""
@@ -278,16 +304,19 @@ class StoreCore:
             "newest": ids[-1] if ids else None,
         }
 
-    def iter_files(self, snapshot_id: str) -> Iterator[tuple[Entry, IO[bytes] | None]]:
+    def iter_files(
+        self, snapshot_id: str, paths: list[str] | None = None
+    ) -> Iterator[tuple[Entry, IO[bytes] | None]]:
         """Stream a snapshot's files in path order: (entry, reader) with `reader` None for symlinks.
 
         The reader must be consumed before the next item; it raises HashMismatch at its end if the stored bytes
         do not hash to `entry.sha256`. Entry gives path, size, mode, mtime_ns, sha256 and link (see mirror.Entry).
         Example (an exporter): for e, f in store.iter_files(sid): tar.addfile(info_for(e), f).
+        `paths` (some of the snapshot's, in the order wanted) streams only those.
         """
         snap = self.load(snapshot_id)
         cat = self.catalog()
-        for path in sorted(snap.files):
+        for path in sorted(snap.files) if paths is None else paths:
             entry = snap.files[path]
             if entry.link is not None:
                 yield entry, None

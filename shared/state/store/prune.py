@@ -23,17 +23,41 @@ from shared.state.store.core import Catalog, Snapshot, StoreCore
 REPACK_GARBAGE = 0.25  # prune rewrites a pack when this fraction of its bytes is named by no kept snapshot
 
 
-@staticmethod
-def plan(snaps: list[Snapshot], keep_last: int, keep_daily: int, keep_weekly: int) -> set[str]:
-    """Ids to keep: the newest always; the last N; the newest of each of the last N days and ISO weeks."""
+SAFETY_LABELS = (
+    "pre-restore",
+    "pre-reset",
+    "pre-upgrade",
+)  # taken by restore, reset and upgrade, not by a user
+KEEP_SAFETY = 3  # the default of the `keep_safety` setting
+
+
+def is_safety(snap: Snapshot) -> bool:
+    """A snapshot a tool took to protect a data dir before changing it (restore, reset, upgrade)."""
+    return snap.label.startswith(SAFETY_LABELS)
+
+
+def plan(
+    snaps: list[Snapshot],
+    keep_last: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_safety: int = KEEP_SAFETY,
+    pinned: frozenset[str] = frozenset(),
+) -> set[str]:
+    """Ids to keep: the newest always; of the snapshots users and the schedule take, the last N and the newest of
+    each of the last N days and ISO weeks; of the safety snapshots (`is_safety`), the newest `keep_safety`, on a
+    count of their own, so a few restores in one day never push out labelled or scheduled snapshots; `pinned`."""
     newest_first = sorted(snaps, key=lambda s: (s.time_unix, s.id), reverse=True)
-    keep = {s.id for s in newest_first[: max(1, keep_last)]}
+    regular = [s for s in newest_first if not is_safety(s)]
+    keep = {s.id for s in newest_first[:1]} | {s.id for s in regular[: max(1, keep_last)]}
+    keep |= {s.id for s in [s for s in newest_first if is_safety(s)][:keep_safety]}
+    keep |= {s.id for s in snaps if s.id in pinned}
     for count, key in (
         (keep_daily, lambda d: d.date()),
         (keep_weekly, lambda d: d.isocalendar()[:2]),
     ):
         seen: set[Any] = set()
-        for s in newest_first:
+        for s in regular:
             k = key(dt.datetime.fromtimestamp(s.time_unix, dt.UTC))
             if k not in seen and len(seen) < count:
                 seen.add(k)
@@ -42,14 +66,27 @@ def plan(snaps: list[Snapshot], keep_last: int, keep_daily: int, keep_weekly: in
 
 
 def prune(
-    store: StoreCore, keep_last: int, keep_daily: int, keep_weekly: int, *, dry_run: bool = False
+    store: StoreCore,
+    keep_last: int,
+    keep_daily: int,
+    keep_weekly: int,
+    *,
+    dry_run: bool = False,
+    keep_safety: int = KEEP_SAFETY,
+    pinned: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Forget snapshots outside the retention rules, then delete blobs no snapshot names (and stray temp files).
+    """Forget snapshots outside the retention rules (see `plan`), then delete blobs no snapshot names (and stray
+    temp files).
 
     With `dry_run` nothing is written (not even the lock). Blob deletion is skipped while any manifest is
     unreadable, since its blobs cannot be known.
     """
-    for name, n in (("keep-last", keep_last), ("keep-daily", keep_daily), ("keep-weekly", keep_weekly)):
+    for name, n in (
+        ("keep-last", keep_last),
+        ("keep-daily", keep_daily),
+        ("keep-weekly", keep_weekly),
+        ("keep-safety", keep_safety),
+    ):
         if n < 0:
             raise StateError(f"--{name} must be 0 or more, got {n}")
     started = time.monotonic()
@@ -57,7 +94,7 @@ def prune(
     with ctx:
         snaps = store.snapshots()
         unreadable = [sid for sid in store.ids() if sid not in {s.id for s in snaps}]
-        keep = plan(snaps, keep_last, keep_daily, keep_weekly) if snaps else set()
+        keep = plan(snaps, keep_last, keep_daily, keep_weekly, keep_safety, pinned) if snaps else set()
         drop = [s for s in snaps if s.id not in keep]
         referenced = {e.sha256 for s in snaps if s.id in keep for e in s.files.values() if e.link is None}
         garbage: list[str] = []  # loose blobs and packs to delete

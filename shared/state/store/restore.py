@@ -58,31 +58,77 @@ def _safety(store: StoreCore, data_dir: Path, label: str, force: bool) -> str | 
         ) from None
 
 
+HINT = (
+    "`--partial` restores what is intact and names every file it leaves out; `tabby-modal repair` drops the "
+    "corrupt blobs from the store (storing again those the data dir still has) and reports which snapshots lost "
+    "which files (see docs/recovery.md)"
+)
+
+
+def left_out(snap: Snapshot, problems: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The files a partial restore or export leaves out: those with a problem, and those a repair dropped from
+    the manifest (its `repaired.lost`). StateError when a problem is not about one file (an unreadable manifest)."""
+    out: dict[str, str] = {}
+    for pr in problems:
+        if pr["path"] not in snap.files:
+            raise StateError(f"refused: snapshot {snap.id}: {pr['path']}: {pr['problem']}")
+        out.setdefault(pr["path"], pr["problem"])
+    for p in (snap.doc.get("repaired") or {}).get("lost") or []:
+        out.setdefault(str(p), "lost in a repair (its blob was corrupt)")
+    return [{"path": p, "problem": why} for p, why in sorted(out.items())]
+
+
+def without(snap: Snapshot, paths: set[str]) -> Snapshot:
+    """`snap` less some files (what a partial restore lays down)."""
+    files = {p: e for p, e in snap.files.items() if p not in paths}
+    dbs = {p: c for p, c in snap.databases.items() if p in files}
+    return Snapshot(snap.id, snap.label, snap.time_unix, snap.consistency, files, dbs, snap.doc)
+
+
 def restore(
-    store: StoreCore, snapshot_id: str, data_dir: Path, *, force: bool = False, guard: bool = True
+    store: StoreCore,
+    snapshot_id: str,
+    data_dir: Path,
+    *,
+    force: bool = False,
+    guard: bool = True,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Replace the data dir's content with a snapshot.
 
     The snapshot is verified first (any problem refuses the restore with nothing written), then a safety
     snapshot of the current data dir is taken, the files are laid out in a staging dir and checked, moved into
     place, files not in the snapshot removed (with stale SQLite `-wal`/`-shm`), and a fresh persist manifest
-    written. `force` skips the running-server guard and a failing safety snapshot.
+    written. `force` skips the running-server guard and a failing safety snapshot. With `partial`, files whose
+    blobs are corrupt or missing are left out (and named in `left_out`), the database laid down first; never
+    without its database (a data dir without it would start as a fresh instance). `latest` names the newer
+    snapshots it skipped (`skipped_newer`).
     """
     started = time.monotonic()
     data_dir = Path(data_dir)
-    sid = store.resolve(snapshot_id)
+    sid, skipped = store.resolve_noting(snapshot_id)
     snap = store.load(sid)
     if guard:  # off when the caller knows better (the maintenance app asks Modal whether a server runs)
         _guard(store, data_dir, "restore", force)
     with store.lock("restore"):
         report = verify(store, sid)
-        if not report["ok"]:
-            first = report["problems"][0]
-            more = len(report["problems"]) - 1
+        missing = left_out(snap, report["problems"])
+        if missing and not partial:
+            first = report["problems"][0] if report["problems"] else missing[0]
+            more = max(len(report["problems"]), len(missing)) - 1
             raise StateError(
                 f"refused: snapshot {sid} fails verification: {first['path']}: {first['problem']}"
                 + (f" (+{more} more)" if more else "")
+                + f"; {HINT}"
             )
+        dbs = [m["path"] for m in missing if m["path"] in database.DB_PATHS]
+        if dbs:
+            raise StateError(
+                f"refused: the database {dbs[0]} of snapshot {sid} is not intact, and a restore without it "
+                "would start a fresh instance: restore an older snapshot, or `tabby-modal export --partial` "
+                "to take the rest"
+            )
+        snap = without(snap, {m["path"] for m in missing})
         safety = _safety(store, data_dir, "pre-restore", force)
         _lay_down(store, snap, data_dir)
     return {
@@ -90,6 +136,8 @@ def restore(
         "files": len(snap.files),
         "bytes": snap.bytes,
         "safety_snapshot": safety,
+        "left_out": missing,
+        "skipped_newer": skipped,
         "seconds": round(time.monotonic() - started, 4),
     }
 
@@ -117,8 +165,11 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
 
         for d in sorted({os.path.dirname(p) for p in snap.files} - {""}):
             (staging / d).mkdir(parents=True, exist_ok=True)
+        first = sorted(
+            snap.files.values(), key=lambda e: e.path not in database.DB_PATHS
+        )  # the database first
         with ThreadPoolExecutor(mirror.WORKERS) as pool:
-            list(pool.map(lay, snap.files.values()))
+            list(pool.map(lay, first))
         sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
         for p, e in snap.files.items():
             if e.link is not None and not inside(staging, staging / p):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,8 @@ from shared.state.atomic import (
     write_stream,
 )
 from shared.state.mirror import Entry
-from shared.state.store.backend import snapshot_name
+from shared.state.store import quarantine
+from shared.state.store.backend import blob_name, snapshot_name
 from shared.state.store.core import Catalog, Snapshot, StoreCore
 
 
@@ -39,10 +41,17 @@ def drill(store: StoreCore, entry: Entry, cat: Catalog | None = None) -> str:
         return database.check_file(dst, "full")
 
 
-def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
+def verify(
+    store: StoreCore, snapshot_id: str | None = None, sample: float | None = None, *, record: bool = True
+) -> dict[str, Any]:
     """Check snapshots: every manifest loads, every blob exists with the right size, blobs re-hash to their
     names (all, or a random `sample` fraction), each Tantivy meta.json's segments are present, and each
-    database passes integrity_check in a restore drill. Returns {ok, problems: [{snapshot, path, problem}]}.
+    database passes integrity_check in a restore drill. Returns {ok, problems: [{snapshot, path, problem}],
+    corrupt: [{sha256, object}], bad_packs: {pack: why}}.
+
+    A copy that does not re-hash is quarantined (see store.quarantine; not with `record=False`): no snapshot
+    dedups against it again. A quarantined copy is checked again when it is the only one, and set free if it
+    re-hashes right (e.g. a disk that was remounted, or a byte put back by hand).
     """
     started = time.monotonic()
     if sample is not None and not 0 <= sample <= 1:
@@ -63,11 +72,25 @@ def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | Non
     sizes: dict[str, int] = {}
     store.forget_pack_indexes()  # every pack index is read again, its checksum checked
     cat = store.catalog()
+    add: list[dict[str, Any]] = []
+    drop: set[tuple[str, str]] = set()
+    corrupt: list[dict[str, str]] = []
+    needed = {e.sha256 or "" for s in snaps for e in s.files.values() if e.link is None}
+    still_bad = {
+        sha
+        for sha in sorted(needed)
+        if not cat.has(sha) and sha in cat.quarantined and not _free_again(store, cat, sha, drop, record)
+    }
+    for sha in sorted(still_bad):
+        corrupt += [{"sha256": sha, "object": o} for o in cat.quarantined[sha]]
     for snap in snaps:
         for e in snap.files.values():
             if e.link is not None:
                 continue
             sha = e.sha256 or ""
+            if sha in still_bad:
+                problem(snap.id, e.path, f"{CORRUPT} (quarantined)")
+                continue
             if sha not in sizes:
                 sizes[sha] = store.blob_size(cat, sha)
             if sizes[sha] < 0:
@@ -90,7 +113,7 @@ def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | Non
         except OSError as err:
             return sha, f"cannot read blob: {err}"
         prog.add(1, sizes[sha])
-        return sha, None if got == sha else "blob content does not match its sha256 (corrupt)"
+        return sha, None if got == sha else CORRUPT
 
     bad: set[str] = set()
     with ThreadPoolExecutor(mirror.WORKERS) as pool:
@@ -99,7 +122,11 @@ def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | Non
                 bad.add(sha)
                 for sid, path in refs[sha]:
                     problem(sid, path, what)
+                if what == CORRUPT:
+                    corrupt.append(_quarantine(store, cat, sha, add, record))
     prog.finish()
+    if record:
+        quarantine.update(store.backend, add, drop)
 
     drilled: dict[str, str] = {}
     meta_ok: dict[tuple[str, frozenset[str]], list[str]] = {}
@@ -127,7 +154,7 @@ def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | Non
     still = set(store.ids())
     problems = [pr for pr in problems if pr["snapshot"] in still]
     return {
-        "ok": not problems,
+        "ok": not problems and not cat.bad_packs,
         "snapshots": len(ids),
         "blobs": len(refs),
         "blobs_checked": len(chosen),
@@ -135,5 +162,49 @@ def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | Non
         "databases_drilled": len(drilled),
         "sample": sample,
         "problems": problems,
+        "corrupt": corrupt,
+        "bad_packs": dict(cat.bad_packs),
         "seconds": round(time.monotonic() - started, 4),
     }
+
+
+CORRUPT = "blob content does not match its sha256 (corrupt)"
+
+
+def _quarantine(
+    store: StoreCore, cat: Catalog, sha: str, add: list[dict[str, Any]], record: bool
+) -> dict[str, str]:
+    """Quarantine the copy of `sha` that `cat` reads: a pack's copy is listed, a loose blob moved aside (out of
+    `blobs/`, so the next snapshot can write the blob under its name again)."""
+    if sha in cat.loose:
+        obj = f"{quarantine.ASIDE}{sha}-{secrets.token_hex(4)}"
+        if record:
+            store.backend.set_aside(cat.loose[sha], obj)
+    else:
+        obj = cat.packed[sha][0]
+    add.append(quarantine.record(sha, obj, CORRUPT))
+    return {"sha256": sha, "object": obj}
+
+
+def _free_again(store: StoreCore, cat: Catalog, sha: str, drop: set[tuple[str, str]], record: bool) -> bool:
+    """Re-hash the quarantined copies of `sha` (it has no other): the first that is right again is set free and
+    put in `cat`. False when none is."""
+    for obj in cat.quarantined[sha]:
+        where = next(((off, n) for s, off, n in cat.packs.get(obj, []) if s == sha), None)
+        try:
+            with store.backend.read_range(obj, *where) if where else store.backend.read(obj) as f:
+                got = hash_stream(f)[1]
+        except OSError:
+            continue
+        if got != sha:
+            continue
+        drop.add((sha, obj))
+        if where:
+            cat.packed[sha] = (obj, *where)
+        elif record:
+            store.backend.set_aside(obj, blob_name(sha))
+            cat.loose[sha] = blob_name(sha)
+        else:
+            cat.loose[sha] = obj
+        return True
+    return False
