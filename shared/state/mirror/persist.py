@@ -13,6 +13,7 @@ consistent), as after a crash; the next persist repairs it. A pass with nothing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -88,6 +89,7 @@ class _Persist:
         self.copied_bytes = 0
         self.warnings: list[str] = []
         self.pending = False
+        self.published = False  # has this pass changed the data dir yet (beyond its pending marker)?
 
     def _data_matches(self, e: Entry) -> bool:
         p = self.data / e.path
@@ -123,6 +125,7 @@ class _Persist:
                     target = os.readlink(src)
                     if old is None or old.link != target or self.repair:
                         self.begin()
+                        self.published = True
                         clear_way(self.data, path)
                         make_link(dst, target)
                     return Entry(path, mode=0o777, link=target)
@@ -135,12 +138,14 @@ class _Persist:
                     if hsha == old.sha256 and hsize == old.size:
                         if (old.mtime_ns, old.mode) != (st.st_mtime_ns, mode):
                             self.begin()
+                            self.published = True
                             os.chmod(dst, mode)
                             os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
                         return replace(old, mtime_ns=st.st_mtime_ns, mode=mode, racy=racy)
                 self.begin()
-                clear_way(self.data, path)
+                self.published |= clear_way(self.data, path)
                 size, sha = copy_file(src, dst, mode=mode, mtime_ns=st.st_mtime_ns)
+                self.published = True
                 after = src.lstat()
             except FileNotFoundError:
                 return None
@@ -163,8 +168,9 @@ class _Persist:
             self.new[path] = old
             return old_db
         self.begin()
-        clear_way(self.data, path)
+        self.published |= clear_way(self.data, path)
         res = database.backup(src, self.data / path, skip_if_sha256=old.sha256 if old else None)
+        self.published |= not res["unchanged"]
         if res["unchanged"] and old is not None:
             self.new[path] = old
         else:
@@ -188,6 +194,7 @@ class _Persist:
             if not missing:
                 t0 = time.time_ns()
                 self.begin()
+                self.published = True
                 clear_way(self.data, path)
                 write_bytes(self.data / path, content, mode=stat.S_IMODE(st.st_mode))
                 os.utime(self.data / path, ns=(st.st_mtime_ns, st.st_mtime_ns))
@@ -271,7 +278,17 @@ def persist(
         raise StateError("live root and data dir must be separate trees")
     ensure_dir(data_dir)
     with writing(data_dir):
-        result = _persist(live_root, data_dir, progress, epoch, seq)
+        marked = pending_info(data_dir) is not None
+        runs: list[_Persist] = []  # the pass, once started
+        try:
+            result = _persist(live_root, data_dir, progress, epoch, seq, runs)
+        except BaseException:
+            if runs and runs[0].pending and not runs[0].published and not marked:
+                # A pass that failed (a full disk) before changing anything: the data dir is exactly its last
+                # persist, so its pending marker would only send the next hydrate to the slower tree check.
+                with contextlib.suppress(OSError):
+                    clear_pending(data_dir)
+            raise
     if commit is not None:
         commit()
         result["committed"] = True
@@ -280,7 +297,12 @@ def persist(
 
 
 def _persist(
-    live_root: Path, data_dir: Path, progress: Progress | None, epoch: str | None, seq: int | None
+    live_root: Path,
+    data_dir: Path,
+    progress: Progress | None,
+    epoch: str | None,
+    seq: int | None,
+    runs: list[_Persist],
 ) -> dict[str, Any]:
     warnings: list[str] = []
     try:
@@ -300,6 +322,7 @@ def _persist(
     repair = prev is None or pending_info(data_dir) is not None
     nodes = scan(live_root)
     run = _Persist(live_root, data_dir, prev, repair)
+    runs.append(run)
     # Read each changed meta.json now, before any segment is copied: the copy we publish names only segments that
     # existed at this moment. An unchanged one is not read at all (None).
     metas: dict[str, tuple[bytes | None, os.stat_result | None] | None] = {}
@@ -351,6 +374,7 @@ def _persist(
     gone = sorted(existing - set(run.new))
     if gone or tmp_files:
         run.begin()
+        run.published |= bool(gone)
         for p in gone:
             remove(data_dir, p)
         for p in tmp_files:
