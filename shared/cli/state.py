@@ -67,15 +67,15 @@ def check_local(local: str, creates: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def kept_only_on_success(local: str | None) -> Iterator[None]:
-    """A command that starts a new `--local DIR` (or its data/ or backups/ folder) and then fails leaves none of
-    them behind: a failed first persist on a full disk must not keep the megabytes it managed to write."""
+def kept_only_on_success(local: str | None, *parts: str) -> Iterator[None]:
+    """A command that starts a new `--local DIR` (or the DIR/`parts` folders it writes) and then fails leaves none
+    of them behind: a failed first persist on a full disk must not keep the megabytes it managed to write."""
     fresh = None  # the outermost folder of DIR's path that does not exist yet
     here = Path(local).absolute() if local is not None else None
     while here is not None and not here.exists() and here != here.parent:
         fresh, here = here, here.parent
-    parts = [] if local is None or fresh is not None else [Path(local) / p for p in ("data", "backups")]
-    new = [p.absolute() for p in parts if not p.exists()]
+    folders = [] if local is None or fresh is not None else [Path(local) / p for p in parts]
+    new = [p.absolute() for p in folders if not p.exists()]
     try:
         yield
     except BaseException:
@@ -119,7 +119,7 @@ def _require_local(local: str | None, command: str) -> None:
 def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
     """Mirror a live TABBY_ROOT into DIR/data: DB through SQLite's backup API, changed files only, manifest last."""
     _require_local(local, "persist")
-    with kept_only_on_success(local):
+    with kept_only_on_success(local, "data"):
         ops = ops_for(local, creates=True)
         result = run_op(lambda: ops.persist(Path(root)))
 
@@ -166,7 +166,7 @@ def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
 def snapshot_cmd(label: str, local: str | None, as_json: bool) -> None:
     """Take a snapshot of the data dir into the backups store (deduplicated; unchanged files cost nothing)."""
     ops = ops_for(local)
-    with kept_only_on_success(local):  # a first snapshot that fails leaves no backups/ behind
+    with kept_only_on_success(local, "backups"):  # a first snapshot that fails leaves no backups/ behind
         result = run_op(lambda: ops.snapshot(label))
 
     def human(r: dict[str, Any]) -> str:
@@ -243,7 +243,7 @@ def restore_cmd(snapshot: str, yes: bool, force: bool, local: str | None, as_jso
     settings = get_settings()
     confirm_destructive(settings, f"restore {snapshot}", yes)
     ops = ops_for(local)
-    with kept_only_on_success(local):
+    with kept_only_on_success(local, "data"):
         result = run_op(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume))
 
     def human(r: dict[str, Any]) -> str:
