@@ -22,6 +22,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,8 +223,8 @@ def test_first_persist_on_a_full_disk_leaves_no_dir(
 
 
 def test_persist_on_a_full_disk_keeps_the_data_dir(tmp_path: Path, small_disk: Callable[[int], Path]) -> None:
-    """An existing data dir: the failed pass publishes nothing and leaves no pending marker, so hydrate gives the
-    last persist byte for byte; with room, the next persist brings it up to date and its manifest matches."""
+    """An existing data dir: the failed pass publishes nothing (its copies were staged) and leaves no pending
+    marker, so hydrate gives the last persist byte for byte; with room, the next persist brings it up to date."""
     disk = small_disk(6 << 20)
     live = live_root(tmp_path / "live", big=False)
     data = disk / "data"
@@ -496,17 +497,20 @@ class Events:
     """fsync (of which file), syncfs, rename and unlink, in the order they completed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.log: list[tuple[str, str, str]] = []
+        self.log: list[tuple[str, ...]] = []  # (kind, path, detail...); fsync and rename carry "dev:inode"
         real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
 
         def fsync(fd: int) -> None:
-            name = os.readlink(f"/proc/self/fd/{fd}")
+            name, st = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd)
             real_fsync(fd)
-            self.log.append(("fsync", name, ""))
+            self.log.append(("fsync", name, f"{st.st_dev}:{st.st_ino}"))
 
         def replace(src: Any, dst: Any, **kw: Any) -> None:
             real_replace(src, dst, **kw)
-            self.log.append(("rename", os.path.abspath(src), os.path.abspath(dst)))
+            st = os.lstat(dst)
+            self.log.append(
+                ("rename", os.path.abspath(src), os.path.abspath(dst), f"{st.st_dev}:{st.st_ino}")
+            )
 
         def unlink(path: Any, **kw: Any) -> None:
             real_unlink(path, **kw)
@@ -522,7 +526,7 @@ class Events:
         monkeypatch.setattr(backend_mod, "sync_fs", syncfs)
         monkeypatch.setattr(atomic, "sync_fs", syncfs)
 
-    def index(self, kind: str, match: Callable[[tuple[str, str, str]], bool]) -> list[int]:
+    def index(self, kind: str, match: Callable[[tuple[str, ...]], bool]) -> list[int]:
         return [i for i, e in enumerate(self.log) if e[0] == kind and match(e)]
 
 
@@ -548,9 +552,9 @@ def test_persist_fsyncs_every_copy_before_its_manifest(
         if e[0] == "rename" and e[2].startswith(str(data)) and mirror.META_DIR not in e[2]
     ]
     assert len(renames) >= 20
-    for _, tmp, final in renames:
-        at = ev.log.index(("rename", tmp, final))
-        synced = ev.index("fsync", lambda e, tmp=tmp: e[1] == tmp)
+    for event in renames:
+        at, final, inode = ev.log.index(event), event[2], event[3]
+        synced = ev.index("fsync", lambda e, inode=inode: e[2] == inode)  # this file, under any of its names
         barrier = ev.index("syncfs", lambda e: True)
         if not os.path.islink(final):  # a link's target lives in its directory entry
             assert any(i < at for i in synced) or any(at < i < m_at for i in barrier), (
@@ -632,8 +636,8 @@ def test_store_batch_syncs_before_renames_and_before_the_manifest(
     (m_at,) = ev.index("rename", lambda e: e[2].startswith(str(backups / "snapshots")))
     barriers = ev.index("syncfs", lambda e: e[1] == str(backups))
     for at in objects:
-        tmp = ev.log[at][1]
-        fsynced = ev.index("fsync", lambda e, tmp=tmp: e[1] == tmp)
+        inode = ev.log[at][3]
+        fsynced = ev.index("fsync", lambda e, inode=inode: e[2] == inode)
         assert any(i < at for i in barriers + fsynced), (
             f"{ev.log[at][2]}: renamed before its bytes were synced"
         )
@@ -650,3 +654,50 @@ def test_disk_full_message_is_built_in_one_place(tmp_path: Path) -> None:
     assert text.startswith(f"disk full on {atomic.mount_point(tmp_path)} (writing {tmp_path / 'a' / 'b'}): ")
     assert "needs 4.8 MiB (5000000 bytes)" in text and "free (no space left)" in text
     assert isinstance(err, atomic.StateError) and err.needed == 5_000_000
+
+
+@pytest.mark.stress
+def test_free_space_sweep(tmp_path: Path, small_disk: Callable[[int], Path]) -> None:
+    """Persist with free space stepped from 0.2 MB to 8 MB: every outcome is either success or DiskFull; no file
+    is ever torn; the manifest is always true; a failed persist leaves the exact previous state with no marker (a
+    marked mix, which hydrate accepts and the next persist repairs, only if the disk fills after every copy fit)."""
+    disk = small_disk(12 << 20)
+    base_live = live_root(tmp_path / "live", big=False)
+    base_data = tmp_path / "base-data"
+    mirror.persist(base_live, base_data)
+    old = hashes(base_data)
+    live = tmp_path / "live"
+    (live / "big.bin").write_bytes(os.urandom(BIG))
+    (live / "mid.bin").write_bytes(os.urandom(1_200_000))
+    for i, p in enumerate(sorted(live.glob("events/*.json"))[:5]):
+        p.write_bytes(os.urandom(20_000 + i))
+    new = hashes(live)
+    outcomes: dict[str, int] = {"ok": 0, "clean": 0, "mixed": 0}
+    for free in range(200_000, 8_000_001, 250_000):
+        data = disk / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        (disk / "filler").unlink(missing_ok=True)
+        shutil.copytree(base_data, data, symlinks=True)
+        leave_free(disk, free)
+        try:
+            mirror.persist(live, data)
+            outcomes["ok"] += 1
+        except DiskFull:
+            if mirror.pending_info(data) is None:
+                assert hashes(data) == old
+                outcomes["clean"] += 1
+            else:
+                outcomes["mixed"] += 1
+                back = tmp_path / f"back-{free}"
+                mirror.hydrate(data, back)
+                assert_whole_copies(back, old, new)
+                shutil.rmtree(back)
+        assert_manifest_true(data)
+        assert_whole_copies(data, old, new)
+        assert not temp_files(disk)
+        (disk / "filler").unlink()
+        mirror.persist(live, data)
+        assert_manifest_true(data)
+        assert no_db(hashes(data)) == no_db(new)
+    print(f"persist sweep: {outcomes}")
+    assert outcomes["ok"] and (outcomes["clean"] or outcomes["mixed"])

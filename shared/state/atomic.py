@@ -91,7 +91,9 @@ def _amount(n: int) -> str:
     return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB ({n} bytes)"
 
 
-def disk_full(path: Path, needed: int | None = None, err: OSError | None = None) -> DiskFull:
+def disk_full(
+    path: Path, needed: int | None = None, err: OSError | None = None, *, cause: str | None = None
+) -> DiskFull:
     """The one `DiskFull` error of the state engine: `disk full on /mnt (writing /mnt/x/y): needs 2.9 MiB
     (3000000 bytes), 2.3 MiB (2396160 bytes) free (no space left)`. `needed` is what the failed write (or run)
     still had to write, when known."""
@@ -99,9 +101,12 @@ def disk_full(path: Path, needed: int | None = None, err: OSError | None = None)
     free = free_bytes(path)
     need = f"needs {_amount(needed)}" if needed is not None else "needs more room"
     have = f"{_amount(free)} free" if free is not None else "free space unknown"
-    cause = (
-        _CAUSES.get(err.errno, err.strerror or "write failed") if err is not None else "write stopped short"
-    )
+    if cause is None:
+        cause = (
+            _CAUSES.get(err.errno, err.strerror or "write failed")
+            if err is not None
+            else "write stopped short"
+        )
     return DiskFull(
         f"disk full on {mount_point(path)} (writing {path}): {need}, {have} ({cause})",
         path=path,

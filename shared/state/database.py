@@ -17,7 +17,16 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
-from shared.state.atomic import StateError, disk_full, ensure_dir, fsync_dir, hash_file, room_for, tmp_path
+from shared.state.atomic import (
+    StateError,
+    disk_full,
+    ensure_dir,
+    free_bytes,
+    fsync_dir,
+    hash_file,
+    room_for,
+    tmp_path,
+)
 
 # Tabby's databases under TABBY_ROOT (dev builds use dev-db.sqlite).
 DB_PATHS = ("ee/db.sqlite", "ee/dev-db.sqlite")
@@ -103,8 +112,8 @@ def backup(
                 result = check_conn(target, check)
                 page_count = target.execute("PRAGMA page_count").fetchone()[0]
         except sqlite3.DatabaseError as err:
-            if getattr(err, "sqlite_errorcode", 0) & 0xFF == SQLITE_FULL:  # "database or disk is full"
-                raise disk_full(tmp, _size_or_none(src)) from None
+            if _out_of_room(err, tmp, src):
+                raise disk_full(tmp, _size_or_none(src), cause=f"SQLite: {err}") from None
             raise DbCheckError(f"{src.name}: cannot copy: {err}") from None
         if result != "ok":
             raise DbCheckError(f"{src.name}: copy fails {check}_check: {result}")
@@ -127,7 +136,17 @@ def backup(
             shutil.rmtree(work, ignore_errors=True)
 
 
-SQLITE_FULL = getattr(sqlite3, "SQLITE_FULL", 13)
+SQLITE_FULL, SQLITE_IOERR = getattr(sqlite3, "SQLITE_FULL", 13), getattr(sqlite3, "SQLITE_IOERR", 10)
+
+
+def _out_of_room(err: sqlite3.Error, tmp: Path, src: Path) -> bool:
+    """Did writing the copy fail for want of room? SQLite says so (SQLITE_FULL), or gives an I/O error (extending
+    the copy's -shm or -wal, writing a page) while the disk has less room than the source needs."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+    if code == SQLITE_FULL:
+        return True
+    free = free_bytes(tmp.parent)
+    return code == SQLITE_IOERR and free is not None and free < (_size_or_none(src) or 0) + (1 << 20)
 
 
 def _size_or_none(path: Path) -> int | None:

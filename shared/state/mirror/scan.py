@@ -93,22 +93,17 @@ def escaping_links(nodes: dict[str, Node]) -> set[str]:
     return {p for p in links if link_escapes(links, p)}
 
 
-def clear_way(root: Path, relpath: str) -> bool:
-    """Make room for a file at `root/relpath`: drop a file or link where a parent dir must go, a dir where it must go.
-    True when it removed something."""
+def clear_way(root: Path, relpath: str) -> None:
+    """Make room for a file at `root/relpath`: drop a file or link where a parent dir must go, a dir where it must go."""
     parts = relpath.split("/")
     p = Path(root)
-    removed = False
     for part in parts[:-1]:
         p = p / part
         if p.is_symlink() or (p.exists() and not p.is_dir()):
             p.unlink()
-            removed = True
     target = p / parts[-1]
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
-        removed = True
-    return removed
 
 
 def remove(root: Path, relpath: str, *, tree: bool = False) -> int:
