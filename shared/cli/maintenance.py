@@ -61,7 +61,7 @@ def export_cmd(snapshot: str, out: str, partial: bool, local: str | None, as_jso
 @handled
 def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> None:
     """Store a .tar.gz of a Tabby root (an export, or a self-hosted ~/.tabby) as a new snapshot."""
-    with kept_only_on_success(local):
+    with kept_only_on_success(local, "backups"):
         ops = ops_for(local, creates=True)
         result = run_op(lambda: ops.import_archive(Path(archive), label))
 

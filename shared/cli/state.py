@@ -7,7 +7,7 @@ to Modal through `shared.operations.remote`. Exit codes: 0 done, 1 verify found 
 from __future__ import annotations
 
 import contextlib
-import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from shared.cli.common import (
     require_modal_credentials,
 )
 from shared.operations.forms import open_ops
-from shared.state.atomic import StateError
+from shared.state.atomic import StateError, disk_full, is_disk_full
 from shared.state.progress import mib
 
 
@@ -40,6 +40,8 @@ def _refusals() -> Iterator[None]:
     except StateError as err:
         raise CommandError(str(err)) from None
     except OSError as err:
+        if is_disk_full(err):  # one not caught nearer its write: the same one line, naming the file it names
+            raise CommandError(str(disk_full(Path(err.filename or "."), None, err))) from None
         raise CommandError(f"{err.strerror or err}: {err.filename}" if err.filename else str(err)) from None
 
 
@@ -65,19 +67,20 @@ def check_local(local: str, creates: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def kept_only_on_success(local: str | None) -> Iterator[None]:
-    """A command that starts a new `--local DIR` and then fails leaves no DIR behind (only empty folders go)."""
+def kept_only_on_success(local: str | None, *parts: str) -> Iterator[None]:
+    """A command that starts a new `--local DIR` (or the DIR/`parts` folders it writes) and then fails leaves none
+    of them behind: a failed first persist on a full disk must not keep the megabytes it managed to write."""
     fresh = None  # the outermost folder of DIR's path that does not exist yet
     here = Path(local).absolute() if local is not None else None
     while here is not None and not here.exists() and here != here.parent:
         fresh, here = here, here.parent
+    folders = [] if local is None or fresh is not None else [Path(local) / p for p in parts]
+    new = [p.absolute() for p in folders if not p.exists()]
     try:
         yield
     except BaseException:
-        if fresh is not None:
-            for folder, _, _ in sorted(os.walk(fresh), key=lambda w: -len(w[0])):
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
+        for folder in [fresh] if fresh is not None else new:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
@@ -130,7 +133,7 @@ def _require_local(local: str | None, command: str) -> None:
 def persist_cmd(root: str, local: str | None, as_json: bool) -> None:
     """Mirror a live TABBY_ROOT into DIR/data: DB through SQLite's backup API, changed files only, manifest last."""
     _require_local(local, "persist")
-    with kept_only_on_success(local):
+    with kept_only_on_success(local, "data"):
         ops = ops_for(local, creates=True)
         result = run_op(lambda: ops.persist(Path(root)))
 
@@ -177,7 +180,8 @@ def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
 def snapshot_cmd(label: str, local: str | None, as_json: bool) -> None:
     """Take a snapshot of the data dir into the backups store (deduplicated; unchanged files cost nothing)."""
     ops = ops_for(local)
-    result = run_op(lambda: ops.snapshot(label))
+    with kept_only_on_success(local, "backups"):  # a first snapshot that fails leaves no backups/ behind
+        result = run_op(lambda: ops.snapshot(label))
 
     def human(r: dict[str, Any]) -> str:
         return (
@@ -258,7 +262,10 @@ def restore_cmd(
     settings = get_settings()
     confirm_destructive(settings, f"restore {snapshot}", yes)
     ops = ops_for(local)
-    result = run_op(lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume, partial=partial))
+    with kept_only_on_success(local, "data"):
+        result = run_op(
+            lambda: ops.restore(snapshot, force=force, confirm=settings.data_volume, partial=partial)
+        )
 
     def human(r: dict[str, Any]) -> str:
         safety = f"; safety snapshot {r['safety_snapshot']}" if r.get("safety_snapshot") else ""

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from shared.state import database
-from shared.state.atomic import HashMismatch, StateError, fsync_dir, tmp_path
+from shared.state.atomic import HashMismatch, StateError, fsync_dir, room_for, tmp_path
 from shared.state.mirror import Entry
 from shared.state.progress import Progress, silent
 from shared.state.store import Store, restore, verify
@@ -68,7 +68,7 @@ def written_whole(out: Path) -> Iterator[HashingWriter]:
     raises, the temp file is removed and `out` is untouched."""
     tmp = tmp_path(out)
     try:
-        with open(tmp, "wb") as raw:
+        with room_for(out), open(tmp, "wb") as raw:
             sink = HashingWriter(raw)
             yield sink
             raw.flush()
@@ -233,7 +233,7 @@ def _entries(tar: tarfile.TarFile, work: Path, prog: Progress) -> Iterator[tuple
                 raise StateError(f"import refused: {m.name}: not a regular file")
             src = tar.extractfile(m)
             assert src is not None
-            with src, open(here / Path(path).name, "wb") as dst:
+            with room_for(here, m.size), src, open(here / Path(path).name, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         try:
             with contextlib.closing(sqlite3.connect(here / Path(db).name)) as conn:

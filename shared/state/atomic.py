@@ -3,12 +3,19 @@
 Every publishing write goes: temp file in the same directory, write, fsync, rename over the final name, fsync the
 directory. A crash leaves either the old file, the new one, or a stray temp file (named with `TMP_MARK`, which every
 walker skips and the cleaners remove), never a torn file under the final name.
+
+Every write writes all its bytes or raises: short writes are looped over, a kernel copy that stops early is finished
+with plain writes (so the real error surfaces), and the size written is checked against the file. A full disk
+(ENOSPC, EDQUOT, EFBIG) becomes `DiskFull`, whose one-line message `disk_full` builds: which mount, how much was
+needed, how much is free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import io
 import json
@@ -18,7 +25,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +43,111 @@ class HashMismatch(StateError):
     """Bytes did not hash to the sha256 they were promised to have: nothing was published."""
 
 
+# --- A full disk ------------------------------------------------------------------------------------------------
+
+# No space, no quota, or past a file size limit (RLIMIT_FSIZE, the filesystem's maximum): all "the write did not fit".
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_CAUSES = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "quota exceeded",
+    errno.EFBIG: "file size limit reached",
+}
+
+
+class DiskFull(StateError):
+    """A write did not fit on its disk. The message (built by `disk_full` alone) names the mount point, what was
+    being written, how much it needed and how much is free; what the failed write had begun is removed."""
+
+    def __init__(self, message: str, *, path: Path, needed: int | None, free: int | None) -> None:
+        super().__init__(message)
+        self.path, self.needed, self.free = path, needed, free
+
+
+def _existing(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem that holds `path` (or would hold it)."""
+    p = _existing(path)
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on `path`'s filesystem (statvfs f_bavail), None if unknown."""
+    try:
+        st = os.statvfs(_existing(path))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _amount(n: int) -> str:
+    return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB ({n} bytes)"
+
+
+def disk_full(
+    path: Path, needed: int | None = None, err: OSError | None = None, *, cause: str | None = None
+) -> DiskFull:
+    """The one `DiskFull` error of the state engine: `disk full on /mnt (writing /mnt/x/y): needs 2.9 MiB
+    (3000000 bytes), 2.3 MiB (2396160 bytes) free (no space left)`. `needed` is what the failed write (or run)
+    still had to write, when known."""
+    path = Path(os.path.abspath(path))
+    free = free_bytes(path)
+    need = f"needs {_amount(needed)}" if needed is not None else "needs more room"
+    have = f"{_amount(free)} free" if free is not None else "free space unknown"
+    if cause is None:
+        cause = (
+            _CAUSES.get(err.errno, err.strerror or "write failed")
+            if err is not None
+            else "write stopped short"
+        )
+    return DiskFull(
+        f"disk full on {mount_point(path)} (writing {path}): {need}, {have} ({cause})",
+        path=path,
+        needed=needed,
+        free=free,
+    )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+@contextlib.contextmanager
+def room_for(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full-disk OSError raised inside the block into `DiskFull` naming `path` (a DiskFull raised deeper,
+    with a more precise path, passes through as it is)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise disk_full(path, needed, err) from None
+
+
+def short_write(what: Path | str) -> OSError:
+    """A write that made no progress (0 bytes): what a full disk looks like where no errno is given."""
+    return OSError(errno.ENOSPC, "write made no progress", str(what))
+
+
+def write_all(fd: int, data: bytes | memoryview) -> int:
+    """os.write until every byte of `data` is written (a write may be short near a full disk or a size limit; the
+    next one then raises ENOSPC/EFBIG). Returns len(data)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise short_write(f"fd {fd}")
+        view = view[n:]
+    return len(data)
+
+
 def is_tmp(name: str) -> bool:
     return TMP_MARK in name
 
@@ -46,7 +158,10 @@ def tmp_path(path: Path) -> Path:
 
 
 def sync_fs(path: Path) -> None:
-    """One durability barrier for everything written on `path`'s filesystem (syncfs; sync where it is missing)."""
+    """One durability barrier for everything written on `path`'s filesystem (syncfs; sync where it is missing).
+
+    A failing syncfs (EIO, ENOSPC: writeback found no room or a bad disk) raises: the data is not known to be on
+    disk, so nothing may name it. Only "not implemented here" falls back to sync(), which reports nothing."""
     fn = _syncfs()
     if fn is None:
         os.sync()
@@ -54,6 +169,10 @@ def sync_fs(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         if fn(fd) != 0:
+            code = ctypes.get_errno()
+            if code not in (errno.ENOSYS, errno.EOPNOTSUPP):
+                with room_for(path):
+                    raise OSError(code, f"syncfs failed: {os.strerror(code)}", str(path))
             os.sync()
     finally:
         os.close(fd)
@@ -102,7 +221,8 @@ def ensure_dir(path: Path, *, durable: bool = True) -> None:
         p = p.parent
     for d in reversed(missing):
         try:
-            d.mkdir()
+            with room_for(d):  # a full disk (or inode table) refuses new directories too
+                d.mkdir()
         except FileExistsError:
             if not d.is_dir():
                 raise
@@ -131,8 +251,13 @@ def _pump(src: BinaryIO, dst: BinaryIO | None, h: hashlib._Hash) -> int:
             return total
         chunk = view[:n]
         h.update(chunk)
-        if dst is not None:
-            dst.write(chunk)
+        while dst is not None and chunk:
+            # A raw (unbuffered) file may take fewer bytes than given near a full disk or a size limit: write the
+            # rest, so the next call raises the real error (ENOSPC, EFBIG) instead of leaving a short file.
+            wrote = dst.write(chunk)
+            if not wrote:
+                raise short_write(getattr(dst, "name", "?"))
+            chunk = chunk[wrote:]
         total += n
 
 
@@ -156,7 +281,15 @@ def _kernel_copy(src: BinaryIO, out: BinaryIO) -> int | None:
             return None  # unsupported here (some network and FUSE filesystems): plain reads and writes
         if n == 0:
             # Some filesystems answer 0 instead of an error: never take that for an empty file.
-            return None if pos == 0 and st.st_size > start else pos
+            if pos == 0 and st.st_size > start:
+                return None
+            if os.fstat(fd_in).st_size > start + pos:
+                # Stopped before the source's end (a full disk may answer 0 here): never take that for the whole
+                # file. Plain writes finish it, or raise the error copy_file_range did not give.
+                src.seek(start + pos)
+                out.seek(pos)
+                pos += _pump(src, out, hashlib.sha256())
+            return pos
         pos += n
 
 
@@ -182,11 +315,35 @@ def _fill(src: BinaryIO, out: BinaryIO) -> tuple[int, str]:
     """
     size = _kernel_copy(src, out)
     if size is not None:
-        return size, _hash_fd(out.fileno(), size)
-    h = hashlib.sha256()
-    size = _pump(src, out, h)
-    out.flush()
-    return size, h.hexdigest()
+        digest = _hash_fd(out.fileno(), size)
+    else:
+        h = hashlib.sha256()
+        size = _pump(src, out, h)
+        out.flush()
+        digest = h.hexdigest()
+    on_disk = os.fstat(out.fileno()).st_size
+    if on_disk != size:  # what a manifest records must be what the file holds
+        raise OSError(
+            errno.EIO, f"wrote {size} bytes but the file holds {on_disk}", getattr(out, "name", "?")
+        )
+    return size, digest
+
+
+def _remaining(src: BinaryIO) -> int | None:
+    """Bytes left in `src` when it is a regular file (what a write of it needs), else None."""
+    try:
+        st = os.fstat(src.fileno())
+        return max(st.st_size - src.tell(), 0) if stat.S_ISREG(st.st_mode) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _stable_sig(src: BinaryIO) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(src.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 def hash_stream(src: BinaryIO) -> tuple[int, str]:
@@ -242,20 +399,19 @@ def write_new_bytes(
     """Create `dst` (it must not exist) holding `data`, with `mode` and `mtime_ns`, in a private staging tree: no
     temp name, no fsync (the caller puts one barrier over the whole tree). Few system calls, for many small files:
     with the process `umask` given (see `current_umask`), the chmod is skipped when the umask keeps `mode` as is."""
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o777)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if mode & ~0o777 or umask is None or mode & umask:
-            os.fchmod(fd, mode)
-        if mtime_ns is not None:
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-    except BaseException:
+    with room_for(dst, len(data)):
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o777)
+        try:
+            write_all(fd, data)
+            if mode & ~0o777 or umask is None or mode & umask:
+                os.fchmod(fd, mode)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+        except BaseException:
+            os.close(fd)
+            dst.unlink(missing_ok=True)
+            raise
         os.close(fd)
-        dst.unlink(missing_ok=True)
-        raise
-    os.close(fd)
 
 
 def write_temp(
@@ -280,6 +436,16 @@ def write_temp(
     return tmp, size, digest
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    # Inside `room_for`: the partial file is gone before the free space is measured for the message.
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _write_new(
     path: Path,
     src: BinaryIO,
@@ -290,24 +456,22 @@ def _write_new(
     writeback: bool = False,
 ) -> tuple[int, str]:
     """Create `path` (it must not exist) with the rest of `src`; on any failure it is removed again."""
-    try:
-        with open(path, "x+b", buffering=0) as out:
-            size, digest = _fill(src, out)
-            if expect_sha256 is not None and digest != expect_sha256:
-                raise HashMismatch(
-                    f"{path.name}: content hashes to {digest[:12]}, expected {expect_sha256[:12]}"
-                )
-            if mode is not None:
-                os.fchmod(out.fileno(), mode)
-            if mtime_ns is not None:
-                os.utime(out.fileno(), ns=(mtime_ns, mtime_ns))
-            if durable:
-                os.fsync(out.fileno())
-            elif writeback:
-                start_writeback(out.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    needed, before = _remaining(src), _stable_sig(src)
+    with room_for(path, needed), _removed_on_failure(path), open(path, "x+b", buffering=0) as out:
+        size, digest = _fill(src, out)
+        if needed is not None and before is not None and size != needed and _stable_sig(src) == before:
+            # A source that did not change while we copied must have come across whole.
+            raise OSError(errno.EIO, f"copied {size} of {needed} bytes", str(path))
+        if expect_sha256 is not None and digest != expect_sha256:
+            raise HashMismatch(f"{path.name}: content hashes to {digest[:12]}, expected {expect_sha256[:12]}")
+        if mode is not None:
+            os.fchmod(out.fileno(), mode)
+        if mtime_ns is not None:
+            os.utime(out.fileno(), ns=(mtime_ns, mtime_ns))
+        if durable:
+            os.fsync(out.fileno())
+        elif writeback:
+            start_writeback(out.fileno())
     return size, digest
 
 
@@ -370,19 +534,15 @@ def copy_file(
 
 def write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Small files (manifests, markers): replace `path` with `data` atomically."""
-    ensure_dir(path.parent, durable=durable)
     tmp = tmp_path(path)
-    try:
-        with open(tmp, "xb") as out:
-            out.write(data)
-            out.flush()
+    with room_for(path, len(data)), _removed_on_failure(tmp):
+        ensure_dir(path.parent, durable=durable)
+        with open(tmp, "xb", buffering=0) as out:
+            write_all(out.fileno(), data)
             os.fchmod(out.fileno(), mode)
             if durable:
                 os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if durable:
         fsync_dir(path.parent)
 

@@ -17,7 +17,16 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
-from shared.state.atomic import StateError, ensure_dir, fsync_dir, hash_file, tmp_path
+from shared.state.atomic import (
+    StateError,
+    disk_full,
+    ensure_dir,
+    free_bytes,
+    fsync_dir,
+    hash_file,
+    room_for,
+    tmp_path,
+)
 
 # Tabby's databases under TABBY_ROOT (dev builds use dev-db.sqlite).
 DB_PATHS = ("ee/db.sqlite", "ee/dev-db.sqlite")
@@ -93,7 +102,8 @@ def backup(
     try:
         try:
             if work is not None:
-                source = sqlite3.connect(_private_source(src, work))
+                with room_for(work, src.stat().st_size):
+                    source = sqlite3.connect(_private_source(src, work))
             else:
                 source = sqlite3.connect(_ro_uri(src), uri=True, timeout=30)
             with closing(source), closing(sqlite3.connect(tmp)) as target:
@@ -102,11 +112,13 @@ def backup(
                 result = check_conn(target, check)
                 page_count = target.execute("PRAGMA page_count").fetchone()[0]
         except sqlite3.DatabaseError as err:
+            if _out_of_room(err, tmp, src):
+                raise disk_full(tmp, _size_or_none(src), cause=f"SQLite: {err}") from None
             raise DbCheckError(f"{src.name}: cannot copy: {err}") from None
         if result != "ok":
             raise DbCheckError(f"{src.name}: copy fails {check}_check: {result}")
         if durable:
-            with open(tmp, "rb+") as f:
+            with room_for(tmp), open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         size, sha = hash_file(tmp)
         out = {"check": result, "mode": check, "method": "backup", "bytes": size, "sha256": sha}
@@ -122,6 +134,26 @@ def backup(
             p.unlink(missing_ok=True)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+SQLITE_FULL, SQLITE_IOERR = getattr(sqlite3, "SQLITE_FULL", 13), getattr(sqlite3, "SQLITE_IOERR", 10)
+
+
+def _out_of_room(err: sqlite3.Error, tmp: Path, src: Path) -> bool:
+    """Did writing the copy fail for want of room? SQLite says so (SQLITE_FULL), or gives an I/O error (extending
+    the copy's -shm or -wal, writing a page) while the disk has less room than the source needs."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+    if code == SQLITE_FULL:
+        return True
+    free = free_bytes(tmp.parent)
+    return code == SQLITE_IOERR and free is not None and free < (_size_or_none(src) or 0) + (1 << 20)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _quote(name: str) -> str:

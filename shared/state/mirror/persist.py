@@ -6,6 +6,8 @@
 - deletions after additions; lock files, SQLite sidecars and `models/` excluded;
 - the persist manifest (`.tabby-modal/persist.json`: files, sizes, sha256, DB check, time) written last.
 
+Changed files are first written (and fsynced) into a staging folder inside `.tabby-modal/`, and renamed into place
+only once the whole pass has been copied: a pass that fails (a full disk) leaves the data dir exactly as it was.
 A pending marker (`.tabby-modal/pending.json`) is written before the first change of a pass and removed after the
 manifest: readers that find it know the tree may be a mix of two passes (each file whole, the index still
 consistent), as after a crash; the next persist repairs it. A pass with nothing changed only stats live files.
@@ -13,10 +15,12 @@ consistent), as after a crash; the next persist repairs it. A pass with nothing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -27,13 +31,14 @@ from typing import Any
 
 from shared.state import database
 from shared.state.atomic import (
+    TMP_MARK,
     StateError,
-    copy_file,
     ensure_dir,
+    fsync_dir,
     hash_file,
     inside,
-    make_link,
     write_bytes,
+    write_temp,
 )
 from shared.state.mirror.manifest import (
     DataDirReplaced,
@@ -47,6 +52,7 @@ from shared.state.mirror.manifest import (
     writing,
 )
 from shared.state.mirror.scan import (
+    META_DIR,
     WORKERS,
     clear_way,
     escaping_links,
@@ -88,6 +94,10 @@ class _Persist:
         self.copied_bytes = 0
         self.warnings: list[str] = []
         self.pending = False
+        self.published = False  # has this pass changed the data dir yet (beyond its pending marker)?
+        # Where this pass writes its copies before any is renamed into place, and the (copy, final path) pairs.
+        self.staging = data / META_DIR / f"persist{TMP_MARK}{secrets.token_hex(4)}"
+        self.staged: list[tuple[Path, Path]] = []
 
     def _data_matches(self, e: Entry) -> bool:
         p = self.data / e.path
@@ -108,13 +118,30 @@ class _Persist:
     def begin(self) -> None:
         if not self.pending:
             write_pending(self.data, "persist")
+            ensure_dir(self.staging, durable=False)
             self.pending = True
+
+    def stage_name(self) -> Path:
+        return self.staging / secrets.token_hex(8)
+
+    def publish(self) -> None:
+        """Rename every staged copy into place, in the order staged (segments before the meta.json naming them),
+        each directory entry made durable before the next: only now does the data dir change."""
+        if self.staged:
+            self.published = True
+        for staged, final in self.staged:
+            clear_way(self.data, final.relative_to(self.data).as_posix())
+            ensure_dir(final.parent)
+            os.replace(staged, final)
+            fsync_dir(final.parent)
+        self.staged = []
 
     def copy(self, path: str) -> Entry | None:
         """Copy one live file (or link) if its content changed; None if it vanished."""
         src, dst = self.live / path, self.data / path
         old = self.old.get(path)
         size, sha, st = 0, "", None
+        copy: Path | None = None  # the staged copy of the last attempt
         for _ in range(3):
             t0 = time.time_ns()
             try:
@@ -123,8 +150,9 @@ class _Persist:
                     target = os.readlink(src)
                     if old is None or old.link != target or self.repair:
                         self.begin()
-                        clear_way(self.data, path)
-                        make_link(dst, target)
+                        link = self.stage_name()
+                        os.symlink(target, link)
+                        self.staged.append((link, dst))
                     return Entry(path, mode=0o777, link=target)
                 if not stat.S_ISREG(st.st_mode):
                     return None
@@ -135,21 +163,30 @@ class _Persist:
                     if hsha == old.sha256 and hsize == old.size:
                         if (old.mtime_ns, old.mode) != (st.st_mtime_ns, mode):
                             self.begin()
+                            self.published = True
                             os.chmod(dst, mode)
                             os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
                         return replace(old, mtime_ns=st.st_mtime_ns, mode=mode, racy=racy)
                 self.begin()
-                clear_way(self.data, path)
-                size, sha = copy_file(src, dst, mode=mode, mtime_ns=st.st_mtime_ns)
+                if copy is not None:
+                    copy.unlink()  # the source changed under the last attempt
+                    copy = None
+                with open(src, "rb", buffering=0) as f:
+                    copy, size, sha = write_temp(self.stage_name(), f, mode=mode, mtime_ns=st.st_mtime_ns)
                 after = src.lstat()
             except FileNotFoundError:
+                if copy is not None:
+                    copy.unlink()
                 return None
             self.copied += 1
             self.copied_bytes += size
             if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and size == st.st_size:
+                self.staged.append((copy, dst))
                 return Entry(path, size, st.st_mtime_ns, mode, sha, racy=racy)
         # Still being written: keep this copy, and make sure the next pass looks again.
         assert st is not None
+        if copy is not None:
+            self.staged.append((copy, dst))
         return Entry(path, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), sha, racy=True)
 
     def database(self, path: str) -> dict[str, Any]:
@@ -163,12 +200,13 @@ class _Persist:
             self.new[path] = old
             return old_db
         self.begin()
-        clear_way(self.data, path)
-        res = database.backup(src, self.data / path, skip_if_sha256=old.sha256 if old else None)
+        copy = self.stage_name()
+        res = database.backup(src, copy, skip_if_sha256=old.sha256 if old else None)
         if res["unchanged"] and old is not None:
             self.new[path] = old
         else:
-            st = (self.data / path).stat()
+            self.staged.append((copy, self.data / path))
+            st = copy.stat()
             self.new[path] = Entry(path, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), res["sha256"])
             self.copied += 1
             self.copied_bytes += st.st_size
@@ -188,9 +226,10 @@ class _Persist:
             if not missing:
                 t0 = time.time_ns()
                 self.begin()
-                clear_way(self.data, path)
-                write_bytes(self.data / path, content, mode=stat.S_IMODE(st.st_mode))
-                os.utime(self.data / path, ns=(st.st_mtime_ns, st.st_mtime_ns))
+                copy = self.stage_name()
+                write_bytes(copy, content, mode=stat.S_IMODE(st.st_mode))
+                os.utime(copy, ns=(st.st_mtime_ns, st.st_mtime_ns))
+                self.staged.append((copy, self.data / path))
                 size, sha = len(content), _sha(content)
                 racy = st.st_mtime_ns >= t0 - RACY_NS or size != st.st_size
                 self.new[path] = Entry(path, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), sha, racy=racy)
@@ -271,7 +310,22 @@ def persist(
         raise StateError("live root and data dir must be separate trees")
     ensure_dir(data_dir)
     with writing(data_dir):
-        result = _persist(live_root, data_dir, progress, epoch, seq)
+        marked = pending_info(data_dir) is not None
+        runs: list[_Persist] = []  # the pass, once started
+        for old in (data_dir / META_DIR).glob(f"persist{TMP_MARK}*"):
+            shutil.rmtree(old, ignore_errors=True)  # staged copies of a pass that crashed
+        try:
+            result = _persist(live_root, data_dir, progress, epoch, seq, runs)
+        except BaseException:
+            if runs and runs[0].pending and not runs[0].published and not marked:
+                # A pass that failed (a full disk) before changing anything: the data dir is exactly its last
+                # persist, so its pending marker would only send the next hydrate to the slower tree check.
+                with contextlib.suppress(OSError):
+                    clear_pending(data_dir)
+            raise
+        finally:
+            if runs:
+                shutil.rmtree(runs[0].staging, ignore_errors=True)
     if commit is not None:
         commit()
         result["committed"] = True
@@ -280,7 +334,12 @@ def persist(
 
 
 def _persist(
-    live_root: Path, data_dir: Path, progress: Progress | None, epoch: str | None, seq: int | None
+    live_root: Path,
+    data_dir: Path,
+    progress: Progress | None,
+    epoch: str | None,
+    seq: int | None,
+    runs: list[_Persist],
 ) -> dict[str, Any]:
     warnings: list[str] = []
     try:
@@ -300,6 +359,7 @@ def _persist(
     repair = prev is None or pending_info(data_dir) is not None
     nodes = scan(live_root)
     run = _Persist(live_root, data_dir, prev, repair)
+    runs.append(run)
     # Read each changed meta.json now, before any segment is copied: the copy we publish names only segments that
     # existed at this moment. An unchanged one is not read at all (None).
     metas: dict[str, tuple[bytes | None, os.stat_result | None] | None] = {}
@@ -347,12 +407,14 @@ def _persist(
         else:
             run.meta(p, *item)
 
+    run.publish()
     # Deletions come after every addition, so the index never names a segment that is gone.
     tmp_files: list[str] = []
     existing = set(scan(data_dir, tmp_files=tmp_files)) if repair else set(prev.files if prev else ())
     gone = sorted(existing - set(run.new))
     if gone or tmp_files:
         run.begin()
+        run.published |= bool(gone)
         for p in gone:
             remove(data_dir, p)
         for p in tmp_files:

@@ -123,6 +123,7 @@ class DirectoryBackend:
             self._writers, self._free = [], []
             if self._pending:
                 # Data on disk before any final name exists: a crash leaves temp files, never a torn blob or pack.
+                # A failing barrier raises (DiskFull on ENOSPC): then no name appears and the temps go.
                 sync_fs(self.root)
                 for tmp, final in self._pending:
                     ensure_dir(final.parent, durable=False)

@@ -21,6 +21,7 @@ from shared.state.atomic import (
     SHA256_RE,
     StateError,
     ensure_dir,
+    room_for,
     start_writeback,
     tmp_path,
 )
@@ -98,13 +99,15 @@ class PackWriter:
         self.pos = 0
 
     def add(self, sha: str, data: bytes) -> None:
-        self.f.write(data)
+        with room_for(self.tmp, len(data)):  # a buffered file: a short raw write is retried, then raises
+            self.f.write(data)
         self.entries.append((sha, self.pos, len(data)))
         self.pos += len(data)
 
     def finish(self) -> Path:
-        self.f.write(pack_trailer(self.entries))
-        self.f.flush()
+        with room_for(self.tmp, self.pos):
+            self.f.write(pack_trailer(self.entries))
+            self.f.flush()
         os.fchmod(self.f.fileno(), 0o444)
         start_writeback(self.f.fileno())
         self.f.close()
