@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -179,3 +180,54 @@ def test_serve_local_waits_for_a_local_restore_lease(tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "restore by ops" in err
+
+
+def test_serve_local_without_setup_token_says_the_env_line_once(tmp_path):
+    """No TABBY_MODAL_SETUP_TOKEN: said at start, once, as the exact .env line; never a placeholder link. The line
+    added to .env as printed makes the claim work after a restart."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def serve() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(BIN / "tabby-modal"), "serve", "--local", "state", "--port", str(port)],
+            cwd=tmp_path,  # where .env is read
+            env=clean_env(
+                tmp_path,
+                TABBY_BIN=str(tabby_wrapper(tmp_path / "bin")),
+                TABBY_MODAL_INTERNAL_PORT=str(free_port()),
+                TABBY_MODAL_PERSIST_INTERVAL="3600",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    proc = serve()
+    try:
+        wait_ready(url, proc)
+        poll(lambda: get(f"{url}/v1/health")[0] == 403, 10, 0.02, "the guard")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "_setup?token=<" not in err
+    lines = [line for line in err.splitlines() if "TABBY_MODAL_SETUP_TOKEN=" in line]
+    assert len(lines) == 1, err
+    env_line = re.search(r"TABBY_MODAL_SETUP_TOKEN=[0-9a-f-]{36}\b", lines[0]).group(0)
+    assert "add the line" in lines[0] and ".env" in lines[0] and "restart" in lines[0]
+
+    (tmp_path / ".env").write_text(env_line + "\n")
+    token = env_line.split("=", 1)[1]
+    proc = serve()
+    try:
+        wait_ready(url, proc)
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        status, body = get(f"{url}/_setup?token={token}", opener)
+        assert status == 200 and b"stand-in /auth/signup" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "no setup token" not in err
+    assert f"open {url}/_setup?token={token} and register" in err  # a link that opens as printed

@@ -50,6 +50,15 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
     return value
 
 
+def no_setup_token_line() -> str:
+    """Said once at start without TABBY_MODAL_SETUP_TOKEN: the owner claim is impossible until it is set, and only
+    a restart reads it, so say it before anyone tries (the guard's 403 says it again)."""
+    return (
+        "serve: no setup token, so nobody can claim this Tabby as its owner: add the line "
+        f"TABBY_MODAL_SETUP_TOKEN={uuid.uuid4()} to .env and restart"
+    )
+
+
 @cli.command("serve")
 @click.option(
     "--local",
@@ -128,6 +137,8 @@ async def _serve(server, host: str, port: int) -> int:
     say(
         f"serve: proxy on {url}; Tabby on 127.0.0.1:{server.settings.internal_port}; state in {server.data_dir}"
     )
+    if not server.setup_token and not has_user(server.data_dir / "ee" / "db.sqlite"):  # an owner needs none
+        say(no_setup_token_line())
     code = 0
     try:
         starter = server.start_in_background()
@@ -137,12 +148,12 @@ async def _serve(server, host: str, port: int) -> int:
         if not stop.is_set():
             if server.state == "ready":
                 say(f"serve: ready at {url}")
-                if not has_user(server.live_root / "ee" / "db.sqlite"):
-                    say(
-                        f"serve: no owner yet: open {url}/_setup?token=<TABBY_MODAL_SETUP_TOKEN> and register"
-                    )
+                if server.setup_token and not has_user(server.live_root / "ee" / "db.sqlite"):
+                    # The real link: this terminal can read .env anyway, and a placeholder cannot be opened.
+                    say(f"serve: no owner yet: open {url}/_setup?token={server.setup_token} and register")
                 await stopped
-                if server.state == "gave_up":
+                # Tabby kept crashing, or the data dir was replaced under it (a `restore --force`): exit 1.
+                if server.state in ("gave_up", "superseded"):
                     say(f"error: {server.reason}")
                     code = 1
             elif server.state == "failed":
