@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from shared.state import mirror
 from tests.conftest import BIN, REPO, clean_env, run_cli
 from tests.harness import free_port, poll, tabby_wrapper
@@ -231,3 +233,36 @@ def test_serve_local_without_setup_token_says_the_env_line_once(tmp_path):
     assert proc.returncode == 0, err
     assert "no setup token" not in err
     assert f"open {url}/_setup?token={token} and register" in err  # a link that opens as printed
+
+
+def test_serve_local_on_a_read_only_dir_is_one_line_exit_2(tmp_path):
+    """chmod does not stop root, so the DIR is made immutable (`chattr +i`), which refuses writes to root too."""
+    ro_dir = tmp_path / "ro"
+    (ro_dir / "data").mkdir(parents=True)
+    ro_data = (
+        tmp_path / "ro-data"
+    )  # writable DIR, read-only DIR/data: found at start, not at the first persist
+    (ro_data / "data").mkdir(parents=True)
+    frozen = [ro_dir, ro_data / "data"]
+    if subprocess.run(["chattr", "+i", *map(str, frozen)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (not root, or the filesystem has no immutable flag)")
+    try:
+        for local, where in ((ro_dir, ro_dir), (ro_data, ro_data / "data"), (tmp_path / "afile", None)):
+            if where is None:
+                local.write_text("")
+            proc = run_cli(
+                ["serve", "--local", str(local)], tmp_path, TABBY_BIN=str(tabby_wrapper(tmp_path / "bin"))
+            )
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.splitlines()
+            assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+            if where is None:
+                assert lines[0] == f"error: {local} is not a directory: --local DIR needs DIR to be a folder"
+            else:
+                assert lines[0] == (
+                    f"error: cannot write in {where}: Operation not permitted; "
+                    "serve --local needs a DIR it can write to"
+                )
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, frozen)], check=True)
+    assert not (ro_data / "live").exists() or not any((ro_data / "live").iterdir())

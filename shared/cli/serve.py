@@ -50,6 +50,21 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
     return value
 
 
+def unwritable(path: Path, err: OSError) -> str:
+    return f"cannot write in {path}: {err.strerror or err}; serve --local needs a DIR it can write to"
+
+
+def writable_dir(path: Path) -> None:
+    """Create `path` if missing and write a file there, or raise CommandError saying it cannot."""
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise CommandError(unwritable(path, err)) from None
+
+
 def no_setup_token_line() -> str:
     """Said once at start without TABBY_MODAL_SETUP_TOKEN: the owner claim is impossible until it is set, and only
     a restart reads it, so say it before anyone tries (the guard's 403 says it again)."""
@@ -72,6 +87,7 @@ def no_setup_token_line() -> str:
 @handled
 def serve_cmd(local: str, port: int | None, host: str) -> None:
     """Run Tabby behind the proxy on this machine (needs TABBY_BIN or `tabby` on PATH)."""
+    from shared.operations import local_server
     from shared.serving.supervisor import find_tabby
     from shared.state.atomic import StateError
     from shared.state.serve_lock import ServeLock
@@ -82,13 +98,20 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
         raise CommandError(f"Tabby not found ({settings.tabby_bin!r}): {INSTALL_HINT}")
     dirs = settings.local_dirs(local)
     port = settings.local_port if port is None else port
+    if (wrong := local_server.layout_error(dirs["root"])) is not None:
+        raise CommandError(wrong)
     # DIR is ours for the whole run, taken before anything in it is touched: a second `serve` refuses here.
     owner = ServeLock(dirs["root"])
     try:
         owner.acquire(port=port)
     except StateError as err:
         raise CommandError(f"refused: {err}; stop it first") from None
+    except OSError as err:  # DIR read-only, a file, not ours...: taking the lock is the first write
+        raise CommandError(unwritable(dirs["root"], err)) from None
     try:
+        # Hydrate and persist write there: find out now, not at the first persist.
+        for part in ("data", "live"):
+            writable_dir(dirs[part])
         code = _run(settings, dirs, tabby, host, port)
     finally:
         owner.release()
