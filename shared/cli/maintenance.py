@@ -13,8 +13,17 @@ from typing import Any
 import click
 
 from shared.cli import cli
-from shared.cli.common import CommandError, emit, handled, json_option, local_option, lock_line, say
-from shared.cli.state import kept_only_on_success, ops_for, run_op
+from shared.cli.common import (
+    CommandError,
+    command_hint,
+    emit,
+    handled,
+    json_option,
+    local_option,
+    lock_line,
+    say,
+)
+from shared.cli.state import checked_label, kept_only_on_success, ops_for, run_op
 from shared.state.progress import mib
 
 
@@ -48,6 +57,7 @@ def export_cmd(snapshot: str, out: str, local: str | None, as_json: bool) -> Non
 @handled
 def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> None:
     """Store a .tar.gz of a Tabby root (an export, or a self-hosted ~/.tabby) as a new snapshot."""
+    checked_label(label)
     with kept_only_on_success(local):
         ops = ops_for(local, creates=True)
         result = run_op(lambda: ops.import_archive(Path(archive), label))
@@ -55,7 +65,7 @@ def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> No
     def human(r: dict[str, Any]) -> str:
         return (
             f"imported {archive} as snapshot {r['id']}: {r['files']} files, {mib(r['bytes'])}; "
-            f"restore it with `tabby-modal restore {r['id']}`"
+            f"restore it with `{command_hint('restore ' + r['id'], local)}`"
         )
 
     emit(result, as_json, human)
