@@ -109,9 +109,11 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
     except OSError as err:  # DIR read-only, a file, not ours...: taking the lock is the first write
         raise CommandError(unwritable(dirs["root"], err)) from None
     try:
-        # Hydrate and persist write there: find out now, not at the first persist.
-        for part in ("data", "live"):
-            writable_dir(dirs[part])
+        # Persist and hydrate write there: find out now, not at the first persist. (A missing DIR/live is made by
+        # hydrate, in DIR, which the lock just proved writable; making it here would look like a hydrate.)
+        writable_dir(dirs["data"])
+        if dirs["live"].exists():
+            writable_dir(dirs["live"])
         code = _run(settings, dirs, tabby, host, port)
     finally:
         owner.release()
