@@ -23,11 +23,8 @@ YESF = $(if $(YES),--yes)
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-install: ## Create .venv from uv.lock (bootstraps uv with pip when missing)
-	@uv=$$(command -v uv || true); \
-	if [ -z "$$uv" ]; then python3 -m pip install --quiet "uv>=0.8" && uv="python3 -m uv"; fi; \
-	echo "$$uv sync --frozen --python python3"; $$uv sync --frozen --python python3
-	@$(TM) --help >/dev/null && echo "installed: $(TM)"
+install: ## Create .venv from uv.lock with python3 (no uv on PATH: bootstraps it in .uv-bootstrap/)
+	@bash scripts/install.sh
 
 test: ## Run the test suite (stress runs excluded)
 	$(VENV)/bin/pytest -q -m "not stress"

@@ -371,6 +371,15 @@ NOT_SETTINGS = frozenset({"TABBY_MODAL_ALLOW_DESTRUCTIVE"})
 _warned: set[str] = set()
 
 
+def _looks_utf16(raw: bytes) -> bool:
+    """A UTF-16 byte order mark, or NULs in (nearly) every other byte: how UTF-16 spells mostly-ASCII text."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    if len(raw) < 4:
+        return False
+    return any(half.count(0) >= 0.9 * len(half) for half in (raw[1::2], raw[0::2]))
+
+
 def check_env_file(env_file: str | os.PathLike[str] | None) -> str | None:
     """The `.env` file's text (None when there is none), or SettingsError with one line when it cannot be read as
     UTF-8: a PowerShell `>` writes UTF-16, which would otherwise end in a traceback or in silently ignored keys."""
@@ -386,8 +395,13 @@ def check_env_file(env_file: str | os.PathLike[str] | None) -> str | None:
     except OSError as err:
         raise SettingsError(f"{path}: cannot be read ({err.strerror or err})") from None
     fix = "save it as UTF-8 (PowerShell: `(Get-Content .env) | Set-Content -Encoding utf8 .env`)"
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+    if _looks_utf16(raw):
         raise SettingsError(f"{path} is UTF-16 text (PowerShell's `>` writes that): {fix}")
+    if (nul := raw.find(b"\x00")) >= 0:  # a stray NUL in UTF-8 text: saying "UTF-16" would send people astray
+        line = raw.count(b"\n", 0, nul) + 1
+        raise SettingsError(
+            f"{path} has a NUL byte (offset {nul}, line {line}): a settings file is plain text; remove that byte"
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -227,3 +227,17 @@ def test_bad_values_and_hostile_archives_are_one_line(work):
         "error: import refused: ee/link: hard link to '../../etc/passwd' leaves the archive's root"
     )
     assert not os.path.exists(work / "out.tar.gz")
+
+
+def test_a_nul_byte_in_the_env_file_is_named_as_such(tmp_path):
+    """A stray NUL in UTF-8 text is not UTF-16: the line says NUL; BOM-less UTF-16 is still recognised."""
+    (tmp_path / ".env").write_bytes(b"TABBY_MODAL_GPU=T4\nTABBY_MODAL_SERVER_APP=x\x00y\n")
+    proc = run_cli(["config"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: .env has a NUL byte (offset 43, line 2): a settings file is plain text; remove that byte"
+    ]
+    # No BOM: NULs in every other byte.
+    (tmp_path / ".env").write_bytes("TABBY_MODAL_GPU=T4\n".encode("utf-16-be"))
+    proc = run_cli(["config"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: .env is UTF-16 text")

@@ -107,7 +107,10 @@ def test_inspect_shows_a_dead_holder_and_plain_unlock_breaks_it(big_box, tmp_pat
     assert shown["store_file"]["op"] == "snapshot" and shown["store_file"]["live"] is False
     assert shown["store"]["why"] == shown["store_file"]["why"] == "its process is gone"
     human = cli(["inspect", "--local", str(box)], tmp_path).stdout
-    assert "store lease: snapshot by" in human and "stale, `tabby-modal unlock` breaks it" in human
+    assert (
+        "store lease: snapshot by" in human
+        and f"stale, `tabby-modal unlock --local {box}` breaks it" in human
+    )
     proc = cli(["unlock", "--local", str(box), "--json"], tmp_path)  # no --yes: its holder is provably dead
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(proc.stdout)["broken"]) == {"store", "store_file"}
@@ -150,7 +153,7 @@ def test_a_live_holder_is_waited_for_and_named(box, tmp_path, live_holder):
     proc = cli(["snapshot", "--local", str(box), "--json"], tmp_path, TABBY_MODAL_LOCK_WAIT="1")
     assert proc.returncode == 2
     assert "store lock held: prune by colleague since" in proc.stderr
-    assert "`tabby-modal unlock --yes`" in proc.stderr
+    assert f"`tabby-modal unlock --yes --local {box}`" in proc.stderr  # runs as printed
     assert json.loads(proc.stdout)["ok"] is False
     refused = cli(["unlock", "--local", str(box)], tmp_path)
     assert refused.returncode == 2 and "lock still live" in refused.stderr

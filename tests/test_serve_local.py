@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from shared.state import mirror
 from tests.conftest import BIN, REPO, clean_env, run_cli
@@ -179,3 +182,87 @@ def test_serve_local_waits_for_a_local_restore_lease(tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "restore by ops" in err
+
+
+def test_serve_local_without_setup_token_says_the_env_line_once(tmp_path):
+    """No TABBY_MODAL_SETUP_TOKEN: said at start, once, as the exact .env line; never a placeholder link. The line
+    added to .env as printed makes the claim work after a restart."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def serve() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(BIN / "tabby-modal"), "serve", "--local", "state", "--port", str(port)],
+            cwd=tmp_path,  # where .env is read
+            env=clean_env(
+                tmp_path,
+                TABBY_BIN=str(tabby_wrapper(tmp_path / "bin")),
+                TABBY_MODAL_INTERNAL_PORT=str(free_port()),
+                TABBY_MODAL_PERSIST_INTERVAL="3600",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    proc = serve()
+    try:
+        wait_ready(url, proc)
+        poll(lambda: get(f"{url}/v1/health")[0] == 403, 10, 0.02, "the guard")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "_setup?token=<" not in err
+    lines = [line for line in err.splitlines() if "TABBY_MODAL_SETUP_TOKEN=" in line]
+    assert len(lines) == 1, err
+    env_line = re.search(r"TABBY_MODAL_SETUP_TOKEN=[0-9a-f-]{36}\b", lines[0]).group(0)
+    assert "add the line" in lines[0] and ".env" in lines[0] and "restart" in lines[0]
+
+    (tmp_path / ".env").write_text(env_line + "\n")
+    token = env_line.split("=", 1)[1]
+    proc = serve()
+    try:
+        wait_ready(url, proc)
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        status, body = get(f"{url}/_setup?token={token}", opener)
+        assert status == 200 and b"stand-in /auth/signup" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "no setup token" not in err
+    assert f"open {url}/_setup?token={token} and register" in err  # a link that opens as printed
+
+
+def test_serve_local_on_a_read_only_dir_is_one_line_exit_2(tmp_path):
+    """chmod does not stop root, so the DIR is made immutable (`chattr +i`), which refuses writes to root too."""
+    ro_dir = tmp_path / "ro"
+    (ro_dir / "data").mkdir(parents=True)
+    ro_data = (
+        tmp_path / "ro-data"
+    )  # writable DIR, read-only DIR/data: found at start, not at the first persist
+    (ro_data / "data").mkdir(parents=True)
+    frozen = [ro_dir, ro_data / "data"]
+    if subprocess.run(["chattr", "+i", *map(str, frozen)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (not root, or the filesystem has no immutable flag)")
+    try:
+        for local, where in ((ro_dir, ro_dir), (ro_data, ro_data / "data"), (tmp_path / "afile", None)):
+            if where is None:
+                local.write_text("")
+            proc = run_cli(
+                ["serve", "--local", str(local)], tmp_path, TABBY_BIN=str(tabby_wrapper(tmp_path / "bin"))
+            )
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.splitlines()
+            assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+            if where is None:
+                assert lines[0] == f"error: {local} is not a directory: --local DIR needs DIR to be a folder"
+            else:
+                assert lines[0] == (
+                    f"error: cannot write in {where}: Operation not permitted; "
+                    "serve --local needs a DIR it can write to"
+                )
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, frozen)], check=True)
+    assert not (ro_data / "live").exists() or not any((ro_data / "live").iterdir())

@@ -224,3 +224,22 @@ def test_persist_and_hydrate_are_local_only(tmp_path):
 def test_remote_form_without_credentials_is_one_line_exit_2(tmp_path, args):
     assert "No Modal credentials" in refused(args, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a config file
+
+
+def test_a_label_is_kept_as_given_or_refused_naming_the_characters(box, tmp_path):
+    """`new_id` used to turn "üni" into "ni" without a word: now the id carries the label as given, or it is
+    refused (exit 2, one line naming the allowed characters) before anything is written."""
+    d = str(box)
+    kept = ok(["snapshot", "--local", d, "--label", "v0.32_rc-1"], tmp_path)
+    assert kept["id"].endswith("-v0.32_rc-1")
+    before = tree_state(box)
+    rule = "use 1 to 40 of the characters A-Z a-z 0-9 . _ - (not starting or ending with . or -)"
+    for label in ("üni", "a" * 41):
+        line = refused(["snapshot", "--local", d, "--label", label], tmp_path)
+        assert line == f"error: label {label!r}: {rule}"
+    assert tree_state(box) == before
+    fresh = tmp_path / "fresh"
+    line = refused(
+        ["import", str(tmp_path / "any.tar.gz"), "--local", str(fresh), "--label", "üni"], tmp_path
+    )
+    assert "label 'üni'" in line and not fresh.exists()

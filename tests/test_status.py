@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from tests.conftest import run_cli
 from tests.fake_modal import FakeModal
 from tests.harness import free_port
 from tests.tabby_root import make_db
-from tests.test_serve_local import start_serve, wait_ready
+from tests.test_serve_local import SETUP, start_serve, wait_ready
 
 
 def instance(local: Path, tmp: Path, *, users: int) -> None:
@@ -72,10 +73,12 @@ def test_healthy_then_stale_backup_on_a_running_local_server(tmp_path, no_modal_
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    # Stopped: the server line turns into a problem naming the command that starts it.
+    # Stopped: nothing needs a person (a local server that is not running is a normal state): exit 0, and the
+    # server line says so with the command that starts it, as it runs.
     out = run_cli(["status", "--local", str(local)], tmp_path)
-    assert out.returncode == 1
-    assert "BAD  server" in out.stdout and f"-> make serve-local LOCAL={local}" in out.stdout
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"     server        not running (nothing serves {local})" in out.stdout
+    assert f"-> tabby-modal serve --local {local}" in out.stdout and out.stdout.rstrip().endswith("all well")
 
 
 def test_an_owner_less_instance_needs_a_person(tmp_path, no_modal_env):
@@ -85,10 +88,22 @@ def test_an_owner_less_instance_needs_a_person(tmp_path, no_modal_env):
     assert out.returncode == 1
     users = by_name(json.loads(out.stdout))["users"]
     assert users["state"] == "problem" and users["detail"].startswith("0 user(s) and no owner")
-    assert users["next"].startswith("open http://127.0.0.1:8000/_setup?token=")
-    # A directory with nothing in it: no database at all is owner-less too.
+    # No setup token: first the .env line (a fresh token), then the link with that very token.
+    token = re.fullmatch(
+        r"add the line TABBY_MODAL_SETUP_TOKEN=([0-9a-f-]{36}) to \.env, \(re\)start "
+        rf"`tabby-modal serve --local {re.escape(str(local))}`, then open "
+        r"http://127\.0\.0\.1:8000/_setup\?token=([0-9a-f-]{36}) and register the owner",
+        users["next"],
+    )
+    assert token and token[1] == token[2]
+    with_token = run_cli(["status", "--local", str(local), "--json"], tmp_path, TABBY_MODAL_SETUP_TOKEN=SETUP)
+    assert by_name(json.loads(with_token.stdout))["users"]["next"] == (
+        f"open http://127.0.0.1:8000/_setup?token={SETUP} and register the owner"
+    )
+    # A DIR with nothing in its data dir yet (as `serve` leaves it before the first persist): owner-less too.
+    (tmp_path / "fresh" / "data").mkdir(parents=True)
     empty = status.local_status(load_settings(None), str(tmp_path / "fresh"))
-    assert not empty["ok"] and by_name(empty)["server"]["state"] == "problem"
+    assert not empty["ok"] and by_name(empty)["users"]["state"] == "problem"
 
 
 def test_remote_status_through_the_fakes(tmp_path, no_modal_env, monkeypatch):
@@ -135,3 +150,44 @@ def test_schedule_gaps(expr, hours):
     from shared.operations.cron import max_gap_seconds
 
     assert max_gap_seconds(expr) == hours * 3600
+
+
+def test_a_clean_restore_with_no_server_running_is_all_well(tmp_path, no_modal_env):
+    """Right after a clean restore nothing serves DIR, and nothing should: exit 0, "not running" as information."""
+    local = tmp_path / "state"
+    instance(local, tmp_path, users=1)
+    restored = run_cli(
+        ["restore", "latest", "--local", str(local), "--yes"], tmp_path, TABBY_MODAL_ALLOW_DESTRUCTIVE="1"
+    )
+    assert restored.returncode == 0, restored.stderr
+    out = run_cli(["status", "--local", str(local)], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (
+        "not running" in out.stdout and "BAD" not in out.stdout and out.stdout.rstrip().endswith("all well")
+    )
+    as_json = run_cli(["status", "--local", str(local), "--json"], tmp_path)
+    assert as_json.returncode == 0 and by_name(json.loads(as_json.stdout))["server"]["state"] == "info"
+
+
+def test_a_path_that_is_not_a_local_dir_is_one_line_exit_2(tmp_path, no_modal_env):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("hello\n")
+    meta_file = tmp_path / "meta-file"
+    (meta_file / "data").mkdir(parents=True)
+    (meta_file / "data" / ".tabby-modal").write_text("")
+    data_file = tmp_path / "data-file"
+    data_file.mkdir()
+    (data_file / "data").write_text("")
+    cases = {
+        str(a_file): "is not a directory",
+        "/dev/null": "is not a directory",
+        str(meta_file): "data/.tabby-modal is not a directory",
+        str(data_file): "data is not a directory",
+        str(tmp_path / "missing"): "no such directory",
+    }
+    for path, says in cases.items():
+        out = run_cli(["status", "--local", path], tmp_path)
+        assert out.returncode == 2, (path, out.stdout, out.stderr)
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], (path, out.stderr)
+    assert a_file.read_text() == "hello\n"  # nothing touched

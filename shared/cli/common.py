@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,28 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
         super().__init__(message)
         self.code = code
+
+
+def command_hint(args: str, local: str | None) -> str:
+    """`tabby-modal ARGS` spelled for the form in use: with `--local DIR` it carries `--local DIR` (the real DIR,
+    quoted for the shell), so the hint runs as printed instead of asking Modal."""
+    return f"tabby-modal {args}" + (f" --local {shlex.quote(local)}" if local is not None else "")
+
+
+_HINT = re.compile(r"`tabby-modal ([^`]*)`")
+
+
+def localize(message: str, local: str | None) -> str:
+    """Every `` `tabby-modal ...` `` hint in `message` (often from the state layer, which does not know the form)
+    given `--local DIR` where it lacks one."""
+    if local is None:
+        return message
+
+    def spell(m: re.Match[str]) -> str:
+        args = m.group(1)
+        return m.group(0) if "--local" in args.split() else f"`{command_hint(args, local)}`"
+
+    return _HINT.sub(spell, message)
 
 
 def say(message: str) -> None:
@@ -141,10 +165,11 @@ def handled(f: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
+        local = kwargs.get("local")
         try:
             return f(*args, **kwargs)
         except CommandError as err:
-            fail(str(err), err.code, as_json)
+            fail(localize(str(err), local if isinstance(local, str) else None), err.code, as_json)
         except SettingsError as err:
             fail(str(err), EXIT_REFUSED, as_json)
         except KeyboardInterrupt:

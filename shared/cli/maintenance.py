@@ -16,6 +16,7 @@ from shared.cli.common import (
     EXIT_PROBLEMS,
     CommandError,
     cli,
+    command_hint,
     emit,
     handled,
     json_option,
@@ -23,7 +24,14 @@ from shared.cli.common import (
     lock_line,
     say,
 )
-from shared.cli.state import kept_only_on_success, left_out_lines, ops_for, run_op, skipped_lines
+from shared.cli.state import (
+    checked_label,
+    kept_only_on_success,
+    left_out_lines,
+    ops_for,
+    run_op,
+    skipped_lines,
+)
 from shared.state.progress import mib
 
 
@@ -61,6 +69,7 @@ def export_cmd(snapshot: str, out: str, partial: bool, local: str | None, as_jso
 @handled
 def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> None:
     """Store a .tar.gz of a Tabby root (an export, or a self-hosted ~/.tabby) as a new snapshot."""
+    checked_label(label)
     with kept_only_on_success(local, "backups"):
         ops = ops_for(local, creates=True)
         result = run_op(lambda: ops.import_archive(Path(archive), label))
@@ -68,7 +77,7 @@ def import_cmd(archive: str, label: str, local: str | None, as_json: bool) -> No
     def human(r: dict[str, Any]) -> str:
         return (
             f"imported {archive} as snapshot {r['id']}: {r['files']} files, {mib(r['bytes'])}; "
-            f"restore it with `tabby-modal restore {r['id']}`"
+            f"restore it with `{command_hint('restore ' + r['id'], local)}`"
         )
 
     emit(result, as_json, human)

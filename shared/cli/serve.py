@@ -49,6 +49,30 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
     return value
 
 
+def unwritable(path: Path, err: OSError) -> str:
+    return f"cannot write in {path}: {err.strerror or err}; serve --local needs a DIR it can write to"
+
+
+def writable_dir(path: Path) -> None:
+    """Create `path` if missing and write a file there, or raise CommandError saying it cannot."""
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise CommandError(unwritable(path, err)) from None
+
+
+def no_setup_token_line() -> str:
+    """Said once at start without TABBY_MODAL_SETUP_TOKEN: the owner claim is impossible until it is set, and only
+    a restart reads it, so say it before anyone tries (the guard's 403 says it again)."""
+    return (
+        "serve: no setup token, so nobody can claim this Tabby as its owner: add the line "
+        f"TABBY_MODAL_SETUP_TOKEN={uuid.uuid4()} to .env and restart"
+    )
+
+
 @cli.command("serve")
 @click.option(
     "--local",
@@ -62,6 +86,7 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
 @handled
 def serve_cmd(local: str, port: int | None, host: str) -> None:
     """Run Tabby behind the proxy on this machine (needs TABBY_BIN or `tabby` on PATH)."""
+    from shared.operations import local_server
     from shared.serving.supervisor import find_tabby
     from shared.state.atomic import StateError
     from shared.state.serve_lock import ServeLock
@@ -72,13 +97,22 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
         raise CommandError(f"Tabby not found ({settings.tabby_bin!r}): {INSTALL_HINT}")
     dirs = settings.local_dirs(local)
     port = settings.local_port if port is None else port
+    if (wrong := local_server.layout_error(dirs["root"])) is not None:
+        raise CommandError(wrong)
     # DIR is ours for the whole run, taken before anything in it is touched: a second `serve` refuses here.
     owner = ServeLock(dirs["root"])
     try:
         owner.acquire(port=port)
     except StateError as err:
         raise CommandError(f"refused: {err}; stop it first") from None
+    except OSError as err:  # DIR read-only, a file, not ours...: taking the lock is the first write
+        raise CommandError(unwritable(dirs["root"], err)) from None
     try:
+        # Persist and hydrate write there: find out now, not at the first persist. (A missing DIR/live is made by
+        # hydrate, in DIR, which the lock just proved writable; making it here would look like a hydrate.)
+        writable_dir(dirs["data"])
+        if dirs["live"].exists():
+            writable_dir(dirs["live"])
         code = _run(settings, dirs, tabby, host, port)
     finally:
         owner.release()
@@ -127,6 +161,8 @@ async def _serve(server, host: str, port: int) -> int:
     say(
         f"serve: proxy on {url}; Tabby on 127.0.0.1:{server.settings.internal_port}; state in {server.data_dir}"
     )
+    if not server.setup_token and not has_user(server.data_dir / "ee" / "db.sqlite"):  # an owner needs none
+        say(no_setup_token_line())
     code = 0
     try:
         starter = server.start_in_background()
@@ -136,12 +172,12 @@ async def _serve(server, host: str, port: int) -> int:
         if not stop.is_set():
             if server.state == "ready":
                 say(f"serve: ready at {url}")
-                if not has_user(server.live_root / "ee" / "db.sqlite"):
-                    say(
-                        f"serve: no owner yet: open {url}/_setup?token=<TABBY_MODAL_SETUP_TOKEN> and register"
-                    )
+                if server.setup_token and not has_user(server.live_root / "ee" / "db.sqlite"):
+                    # The real link: this terminal can read .env anyway, and a placeholder cannot be opened.
+                    say(f"serve: no owner yet: open {url}/_setup?token={server.setup_token} and register")
                 await stopped
-                if server.state == "gave_up":
+                # Tabby kept crashing, or the data dir was replaced under it (a `restore --force`): exit 1.
+                if server.state in ("gave_up", "superseded"):
                     say(f"error: {server.reason}")
                     code = 1
             elif server.state == "failed":

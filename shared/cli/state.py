@@ -18,6 +18,7 @@ from shared.cli.common import (
     EXIT_PROBLEMS,
     CommandError,
     cli,
+    command_hint,
     confirm_destructive,
     emit,
     get_settings,
@@ -30,6 +31,7 @@ from shared.cli.common import (
 from shared.operations.forms import open_ops
 from shared.state.atomic import StateError, disk_full, is_disk_full
 from shared.state.progress import mib
+from shared.state.store.core import check_label
 
 
 @contextlib.contextmanager
@@ -115,6 +117,13 @@ def left_out_lines(r: dict[str, Any]) -> list[str]:
     return [f"LEFT OUT {len(out)} files:"] * bool(out) + [f"  {m['path']}: {m['problem']}" for m in out]
 
 
+def checked_label(label: str) -> str:
+    """A `--label` the snapshot id carries as given, or exit 2 naming the allowed characters: checked before
+    anything starts (a DIR made, an upload)."""
+    with _refusals():
+        return check_label(label)
+
+
 def _require_local(local: str | None, command: str) -> None:
     if local is None:
         raise CommandError(
@@ -179,6 +188,7 @@ def hydrate_cmd(root: str, local: str | None, as_json: bool) -> None:
 @handled
 def snapshot_cmd(label: str, local: str | None, as_json: bool) -> None:
     """Take a snapshot of the data dir into the backups store (deduplicated; unchanged files cost nothing)."""
+    checked_label(label)
     ops = ops_for(local)
     with kept_only_on_success(local, "backups"):  # a first snapshot that fails leaves no backups/ behind
         result = run_op(lambda: ops.snapshot(label))
@@ -384,7 +394,7 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
             lines.append(f"snapshots: {snaps['count']}, store {mib(snaps['bytes'])}")
         for key, held in (r.get("locks") or {}).items():
             if held:
-                state = "" if held.get("live") else "; stale, `tabby-modal unlock` breaks it"
+                state = "" if held.get("live") else f"; stale, `{command_hint('unlock', local)}` breaks it"
                 lines.append(f"{lock_line(key, held)}{state}")
         return "\n".join(lines)
 

@@ -1,16 +1,19 @@
 """`tabby-modal status [--local DIR] [--json]`: is it up, is it safe, and what to do next.
 
-Exit 0 when all is well, 1 when something needs a person (each such line carries the command to run), 2 on bad
-input. Without Modal credentials it still prints what it knows (settings, warm hours, image) and says what it could
-not check.
+Exit 0 when all is well (a local DIR that nothing serves is well: "not running" is information), 1 when something
+needs a person (each such line carries the command to run, as it runs), 2 on bad input (a `--local` path that is not
+such a DIR). Without Modal credentials it still prints what it knows (settings, warm hours, image) and says what
+it could not check.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from shared.cli.common import (
     EXIT_PROBLEMS,
+    CommandError,
     cli,
     emit,
     get_settings,
@@ -19,7 +22,8 @@ from shared.cli.common import (
     json_option,
     local_option,
 )
-from shared.operations import status
+from shared.cli.state import check_local
+from shared.operations import local_server, status
 
 MARK = {"ok": "ok ", "info": "   ", "problem": "BAD", "unknown": " ? "}
 
@@ -47,7 +51,13 @@ def status_cmd(local: str | None, as_json: bool) -> None:
     """One screen: server URL and containers, warm hours, Tabby versions, owner, last persist, backups, leases."""
     settings = get_settings()
     if local is not None:
-        result = status.local_status(settings, local)
+        if (wrong := local_server.layout_error(Path(local))) is not None:
+            raise CommandError(wrong)
+        check_local(local)  # no such DIR, or a folder that is not one: exit 2 as for the state commands
+        try:
+            result = status.local_status(settings, local)
+        except OSError as err:  # unreadable DIR and the like: one line, not a traceback
+            raise CommandError(f"cannot read {local}: {err.strerror or err}: {err.filename}") from None
     else:
         credentials = has_modal_credentials()
         ops = None

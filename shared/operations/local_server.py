@@ -37,6 +37,20 @@ def alive(pid: int) -> bool:
         return True
 
 
+def layout_error(root: Path) -> str | None:
+    """Why `root` cannot be a `--local DIR` (a file, /dev/null, DIR/data or its metadata folder a file), or None.
+    A missing DIR is fine: the commands create it."""
+    from shared.state.mirror import META_DIR
+
+    root = Path(root)
+    for part in ("", "data", "backups", "live", "locks", f"data/{META_DIR}"):
+        path = root / part
+        if path.exists() and not path.is_dir():
+            what = f"DIR/{part}" if part else "DIR"
+            return f"{path} is not a directory: --local DIR needs {what} to be a folder"
+    return None
+
+
 def running(root: Path) -> dict[str, Any] | None:
     """The `serve` holding DIR ({pid, host, started, port, url}), or None when nobody serves it."""
     record = holder(Path(root))

@@ -27,6 +27,7 @@ from shared.operations import versions
 from shared.operations.local import LocalOps
 from shared.state import archive, lease, locks, serve_lock
 from shared.state.atomic import StateError
+from shared.state.store.core import check_label
 from shared.state.store.prune import KEEP_SAFETY
 
 if TYPE_CHECKING:
@@ -426,7 +427,7 @@ def _prune(
 
 
 OPERATIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "snapshot": lambda m, s, label="manual": m.snapshot(label),
+    "snapshot": lambda m, s, label="manual": m.snapshot(check_label(label)),
     "snapshots": lambda m, s: m.snapshots(),
     "verify": _verify,
     "inspect": lambda m, s, snapshot="": m.inspect(snapshot or None),
@@ -437,7 +438,7 @@ OPERATIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "prune": _prune,
     "export_archive": lambda m, s, snapshot, name, partial=False: m.export_transfer(snapshot, name, partial),
     "repair": lambda m, s, dry_run=False, confirm="": m.repair(dry_run, confirm),
-    "import_archive": lambda m, s, name, label="import": m.import_transfer(name, label),
+    "import_archive": lambda m, s, name, label="import": m.import_transfer(name, check_label(label)),
     "scheduled_backup": lambda m, s: m.scheduled(s.keep_last, s.keep_daily, s.keep_weekly, s.keep_safety),
 }
 

@@ -11,7 +11,9 @@ Each line is an item {name, state, detail, next}: state `ok`, `info`, `problem` 
 
 from __future__ import annotations
 
+import shlex
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,17 +52,33 @@ def snapshot_time(snapshot_id: str) -> float | None:
 
 
 class Commands:
-    """The next commands, spelled for the form in use."""
+    """The next commands, spelled for the form in use: each runs as printed (`--local DIR` carries the real DIR)."""
 
-    def __init__(self, local: str | None) -> None:
+    def __init__(self, local: str | None, setup_token: str | None = None) -> None:
         self.local = local
-        self.flag = f" --local {local}" if local is not None else ""
+        self.flag = f" --local {shlex.quote(local)}" if local is not None else ""
+        self.setup_token = setup_token
 
     def tm(self, args: str) -> str:
         return f"tabby-modal {args}{self.flag}"
 
     def start_server(self) -> str:
-        return f"make serve-local LOCAL={self.local}" if self.local is not None else "make deploy-server"
+        return self.tm("serve") if self.local is not None else "make deploy-server"
+
+    def claim(self, url: str | None) -> str:
+        """How to register the owner. Locally the real link, or first the .env line that makes one possible; on
+        Modal the token sits in the Modal secret, which this machine may not have."""
+        if self.local is None:
+            return (
+                f"open {url or '<server URL>'}/_setup?token=<TABBY_MODAL_SETUP_TOKEN> and register the owner"
+            )
+        if self.setup_token:
+            return f"open {url}/_setup?token={self.setup_token} and register the owner"
+        token = uuid.uuid4()
+        return (
+            f"add the line TABBY_MODAL_SETUP_TOKEN={token} to .env, (re)start `{self.start_server()}`, then open "
+            f"{url}/_setup?token={token} and register the owner"
+        )
 
     def backup(self) -> str:
         return self.tm("snapshot --label manual") if self.local is not None else "make backup-volume"
@@ -122,7 +140,7 @@ def state_items(
                 "users",
                 PROBLEM,
                 "no database yet: a fresh instance, nobody owns it",
-                f"open {url or '<server URL>'}/_setup?token=<TABBY_MODAL_SETUP_TOKEN> and register the owner",
+                c.claim(url),
             )
         )
     else:
@@ -133,7 +151,7 @@ def state_items(
                     "database",
                     PROBLEM,
                     f"integrity {integrity}",
-                    f"{c.tm('snapshots')}, then {c.tm('restore ID')}",
+                    restore_hint(report, c),
                 )
             )
         users, owner = db.get("users", 0), db.get("owner")
@@ -145,7 +163,7 @@ def state_items(
                     "users",
                     PROBLEM,
                     f"{users} user(s) and no owner: anyone with the setup token can claim it",
-                    f"open {url or '<server URL>'}/_setup?token=<TABBY_MODAL_SETUP_TOKEN> and register the owner",
+                    c.claim(url),
                 )
             )
     last = report.get("last_persist")
@@ -158,6 +176,12 @@ def state_items(
     out.append(backup_item(settings, report.get("snapshots") or {}, now, c))
     out.extend(lease_items(report.get("locks") or {}, c))
     return out
+
+
+def restore_hint(report: dict[str, Any], c: Commands) -> str:
+    """A restore command that runs as printed: the newest snapshot by its id (`snapshots` lists the others)."""
+    newest = (report.get("snapshots") or {}).get("newest")
+    return c.tm(f"restore {newest}") if newest else c.tm("snapshots")
 
 
 def backup_item(settings: Settings, snaps: dict[str, Any], now: float, c: Commands) -> dict[str, Any]:
@@ -225,13 +249,14 @@ def local_status(settings: Settings, local: str, *, now: float | None = None) ->
     from shared.operations.maintenance import for_local
 
     now = time.time() if now is None else now
-    c = Commands(local)
+    c = Commands(local, settings.setup_token.get_secret_value() if settings.setup_token else None)
     root = settings.local_dirs(local)["root"]
     items = [item("settings", OK, f"valid; local form on {root}")]
     run = local_server.running(root)
     url = run["url"] if run else f"http://127.0.0.1:{settings.local_port}"
+    # Not running is information, not a problem: a stopped local server is a normal state (after a restore, say).
     if run is None:
-        items.append(item("server", PROBLEM, f"not running (nothing serves {root})", c.start_server()))
+        items.append(item("server", INFO, f"not running (nothing serves {root})", c.start_server()))
     else:
         code = local_server.probe(run["url"]) if run["url"] else None
         if code is None or code == 503:

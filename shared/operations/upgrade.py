@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,8 @@ class LocalTarget:
         binary = self.binaries.get(image)
         if not binary:
             raise StateError(
-                f"no Tabby binary known for {image}: set TABBY_BIN to it and start `serve --local`"
+                f"no Tabby binary known for {image}: set TABBY_BIN to it and start "
+                f"`tabby-modal serve --local {shlex.quote(str(self.root))}`"
             )
         self.proc = local_server.start(self.root, tabby_bin=binary, port=self.port, image=image)
 

@@ -8,7 +8,8 @@
     Tabby crashes      -> persist, restart it with backoff (503 "restarting" + Retry-After meanwhile); more than
                           `restart_limit` restarts within `restart_window` s: give up, persist, and `on_give_up`
                           (on Modal: the container exits and Modal starts a fresh one)
-    data dir replaced  -> (a forced restore/reset, another writer) stop Tabby, never persist over it, 503 saying so
+    data dir replaced  -> (a forced restore/reset, another writer) stop Tabby, never persist over it, 503 saying so,
+                          and `on_give_up`: the process exits rather than answering 503 until someone looks
     stop               -> stop Tabby, persist once more, commit
 
 Tabby's root lives on local disk, never on the Volume (SQLite WAL and Tantivy locks on a network filesystem are
@@ -420,6 +421,10 @@ class TabbyServer:
         log.error("data dir replaced under the server (%s): stopped serving, not persisting", why)
         if self.supervisor is not None:
             self.supervisor.stop()
+        # Serving 503 until someone notices helps nobody: the process ends (exit 1 locally; on Modal a fresh
+        # container hydrates the new data). Not when the stop itself found it: that exit is under way.
+        if self.on_give_up is not None and not self._stopping.is_set():
+            self.on_give_up(self.reason)
 
     def _persist_loop(self) -> None:
         interval = self.settings.persist_interval

@@ -33,6 +33,18 @@ class UnknownSnapshot(StateError):
     """No snapshot with that id."""
 
 
+LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,38}[A-Za-z0-9_])?")
+LABEL_RULE = "1 to 40 of the characters A-Z a-z 0-9 . _ - (not starting or ending with . or -)"
+
+
+def check_label(label: str) -> str:
+    """A label people give (`snapshot --label`, `import --label`) goes into the snapshot id as it is, or is refused:
+    `new_id` would otherwise turn "üni" into "ni" without a word."""
+    if not LABEL.fullmatch(label):
+        raise StateError(f"label {label!r}: use {LABEL_RULE}")
+    return label
+
+
 def new_id(label: str, when: float) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
     clean = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.")[:40] or "manual"
