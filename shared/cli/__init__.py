@@ -3,7 +3,13 @@ or on Modal. Each module below adds its own subcommands to `cli`; the work itsel
 
 from __future__ import annotations
 
+import os
 import sys
+
+if os.path.basename(sys.argv[0]) == "tabby-modal":  # the entry point: signals handled before the slow imports
+    from shared.interruption import install
+
+    install()
 
 import click
 
@@ -16,13 +22,16 @@ def cli() -> None:
 def main() -> None:
     """Every way out is one `error:` line and an exit code: 2 for bad input (also click's usage errors, with
     `{"ok": false, ...}` on stdout under `--json`), 130 for Ctrl-C."""
+    from shared import interruption
     from shared.cli.common import EXIT_INTERRUPTED, EXIT_REFUSED, fail
 
+    interruption.install()  # SIGINT and SIGTERM: exit 130 within 2 s, locks released (see shared.interruption)
     as_json = "--json" in sys.argv[1:]
     try:
         # Imported here so each module registers its commands on `cli` exactly once.
         from shared.cli import maintenance, serve, setup, state, status, upgrade, warm  # noqa: F401
 
+        interruption.command_starts()
         code = cli.main(prog_name="tabby-modal", standalone_mode=False)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED, as_json)
@@ -39,4 +48,8 @@ def main() -> None:
         fail(f"{message}{hint}", EXIT_REFUSED, as_json)
     except click.ClickException as err:
         fail(err.format_message(), err.exit_code, as_json)
+    except Exception:
+        if interruption.requested():  # an error raised while unwinding an interrupt: still just "interrupted"
+            fail("interrupted", EXIT_INTERRUPTED, as_json)
+        raise
     sys.exit(code if isinstance(code, int) else 0)

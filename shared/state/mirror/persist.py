@@ -20,11 +20,11 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from shared.interruption import worker_pool
 from shared.state import database
 from shared.state.atomic import (
     StateError,
@@ -333,7 +333,7 @@ def _persist(
 
     prog = progress or silent()
     prog.set_totals(len(todo), sum(nodes[p].size for p in todo))
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with worker_pool(WORKERS) as pool:
         for path, entry in zip(todo, pool.map(run.copy, todo), strict=True):
             if entry is not None:
                 run.new[path] = entry

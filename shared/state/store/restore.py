@@ -9,10 +9,10 @@ import os
 import secrets
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from shared.interruption import worker_pool
 from shared.state import database, mirror
 from shared.state.atomic import (
     StateError,
@@ -117,7 +117,7 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
 
         for d in sorted({os.path.dirname(p) for p in snap.files} - {""}):
             (staging / d).mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(mirror.WORKERS) as pool:
+        with worker_pool(mirror.WORKERS) as pool:
             list(pool.map(lay, snap.files.values()))
         sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
         for p, e in snap.files.items():

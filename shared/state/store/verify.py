@@ -8,10 +8,10 @@ import math
 import random
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from shared.interruption import worker_pool
 from shared.state import database, mirror
 from shared.state.atomic import (
     HashMismatch,
@@ -93,7 +93,7 @@ def verify(store: StoreCore, snapshot_id: str | None = None, sample: float | Non
         return sha, None if got == sha else "blob content does not match its sha256 (corrupt)"
 
     bad: set[str] = set()
-    with ThreadPoolExecutor(mirror.WORKERS) as pool:
+    with worker_pool(mirror.WORKERS) as pool:
         for sha, what in pool.map(rehash, chosen):
             if what:
                 bad.add(sha)
