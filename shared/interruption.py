@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C; also for SIGTERM, so callers see one code
-GRACE = 1.5  # seconds from the first signal to the forced exit: under the 2 s a caller may wait
+GRACE = 1.0  # seconds from the first signal to the forced exit: well under the 2 s a caller may wait, on a loaded machine too
 
 ABORT = threading.Event()  # set by the first SIGINT/SIGTERM; workers and long loops stop when they see it
 
@@ -156,6 +156,14 @@ def command_starts() -> None:
 
 _deferring = 0  # > 0 while the main thread is inside `deferred()`
 _pending: str | None = None
+
+
+def command_ends() -> None:
+    """The command is done (its code decided): a signal now is held until the process is gone, instead of
+    meeting the interpreter's teardown, which puts the default handlers back (the process then died of the
+    signal, exit -2, with nothing said)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _handler(signum: int, frame: Any) -> None:

@@ -52,4 +52,5 @@ def main() -> None:
         if interruption.requested():  # an error raised while unwinding an interrupt: still just "interrupted"
             fail("interrupted", EXIT_INTERRUPTED, as_json)
         raise
+    interruption.command_ends()
     sys.exit(code if isinstance(code, int) else 0)

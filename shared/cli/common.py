@@ -133,6 +133,7 @@ def fail(message: str, code: int, as_json: bool) -> NoReturn:
         click.echo(json.dumps({"ok": False, "error": message}, sort_keys=True))
     if interruption.requested():
         interruption.exit_now(code)  # within the 2 s a stopping caller waits
+    interruption.command_ends()
     sys.exit(code)
 
 
