@@ -159,11 +159,12 @@ _pending: str | None = None
 
 
 def command_ends() -> None:
-    """The command is done (its code decided): a signal now is held until the process is gone, instead of
-    meeting the interpreter's teardown, which puts the default handlers back (the process then died of the
-    signal, exit -2, with nothing said)."""
+    """The command is done (its code decided): a signal now is ignored, instead of meeting the interpreter's
+    teardown, which puts the default handlers back (the process then died of the signal, exit -2, with nothing
+    said). Ignored, not blocked: a mask is per thread, and the signal would go to another thread."""
     if threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _handler(signum: int, frame: Any) -> None:
