@@ -24,6 +24,8 @@ Environment knobs (all optional):
   STANDIN_VERSION             the version it reports (default 0.32.0): a "new release" in upgrade tests
   STANDIN_NEW_MIGRATION=ok|fail  a new release's migration 51: `ok` applies it; `fail` alters the schema, leaves
                               sqlx's success=false row and exits 1 (a failed upgrade that changed the database)
+  STANDIN_SMOKE_FAIL=completion|chat  starts and is ready, but /v1/completions answers 500 (`completion`) or the
+                              chat stream is cut before its first event (`chat`): a release only smoke checks catch
 
 Debug endpoints (no auth): /debug/stats, /debug/echo, /debug/cookies, /debug/download, /debug/slow, /debug/json,
 /debug/abort, /debug/idle, /debug/register, /debug/config (the models as Tabby would resolve them from its flags and
@@ -400,6 +402,8 @@ class Standin:
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if os.environ.get("STANDIN_SMOKE_FAIL") == "completion":
+            return web.json_response({"error": "stand-in: completion broken"}, status=500)
         self.event("completion", request)
         prompt = (body.get("segments") or {}).get("prefix", "")
         return web.json_response(
@@ -415,6 +419,8 @@ class Standin:
         interval = float(body.get("interval_ms", self.sse_interval * 1000)) / 1000
         crash_after = body.get("crash_after")
         abort_after = body.get("abort_after")
+        if os.environ.get("STANDIN_SMOKE_FAIL") == "chat":
+            abort_after = 0
         if body.get("first_ms"):  # time to the first token
             await asyncio.sleep(float(body["first_ms"]) / 1000)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

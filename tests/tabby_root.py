@@ -159,8 +159,10 @@ def make_root(
     users: int = 3,
     wal_rows: int = 0,
     models: bool = True,
+    files: int | None = None,
 ) -> dict[str, Any]:
-    """Create a Tabby-like root of about `size_mb` MiB at `root`. `wal_rows` leaves that many commits only in -wal."""
+    """Create a Tabby-like root of about `size_mb` MiB at `root`. `wal_rows` leaves that many commits only in -wal.
+    `files` sets about how many files it holds (default: ~10k per GiB, as Tabby's index grows)."""
     rng = random.Random(seed)
     root = Path(root)
     total = int(size_mb * (1 << 20))
@@ -168,6 +170,8 @@ def make_root(
     if wal_rows:
         leave_wal(root / "ee/db.sqlite", wal_rows)
     index_files = max(24, round(10_000 * total / (1 << 30)))
+    if files is not None:  # many small files at a small size: the count, not the bytes, is what is tested
+        index_files = max(24, round((files - 30) / 1.05))
     make_index(root / "index", nfiles=index_files - 12, nbytes=int(total * 0.63), rng=rng)
     make_index(root / "index/corpus", nfiles=12, nbytes=int(total * 0.02), rng=rng)
 

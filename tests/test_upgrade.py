@@ -24,14 +24,18 @@ from tests.test_status import instance
 OLD, NEW = "tabbyml/tabby:0.32.0", "tabbyml/tabby:0.33.0"
 
 
-def new_release(tmp: Path, migration: str) -> Path:
-    """A `tabby` that reports 0.33.0 and runs migration 51 (`ok` or `fail`)."""
-    d = tmp / f"bin-0.33-{migration}"
+def new_release(tmp: Path, migration: str, smoke_fail: str = "") -> Path:
+    """A `tabby` that reports 0.33.0 and runs migration 51 (`ok` or `fail`); with `smoke_fail` (`completion`,
+    `chat`) it is ready but that smoke check fails."""
+    d = tmp / f"bin-0.33-{migration}{smoke_fail}"
     d.mkdir()
     path = d / "tabby"
     path.write_text(
-        "#!/bin/sh\nexport STANDIN_VERSION=0.33.0 STANDIN_NEW_MIGRATION=" + migration + "\n"
-        f'exec "{sys.executable}" "{STANDIN}" "$@"\n'
+        "#!/bin/sh\nexport STANDIN_VERSION=0.33.0 STANDIN_NEW_MIGRATION="
+        + migration
+        + "\n"
+        + (f"export STANDIN_SMOKE_FAIL={smoke_fail}\n" if smoke_fail else "")
+        + f'exec "{sys.executable}" "{STANDIN}" "$@"\n'
     )
     path.chmod(0o755)
     return path
@@ -135,6 +139,39 @@ def test_a_failed_migration_rolls_back_to_the_exact_pre_upgrade_database(tmp_pat
     record = versions.read(local / "backups")
     assert [(e["image"], e["outcome"]) for e in record["history"]] == [(NEW, "failed"), (OLD, "ok")]
     assert record["current"]["schema_version"] == 50
+
+
+@pytest.mark.parametrize("broken", ["completion", "chat"])
+def test_a_ready_release_that_fails_a_smoke_check_is_rolled_back(tmp_path, running, broken):
+    """Readiness is not enough: a release that starts, migrates and answers health but fails a smoke check (a 500
+    from /v1/completions, a chat stream cut before its first event) is rolled back to the exact pre-upgrade database
+    and recorded as failed; .env keeps the old tag."""
+    local, port, env = running
+    out = run_cli(
+        ["upgrade", "--image", NEW, "--local", "state", "--token", "standin-token", "--yes", "--json"],
+        tmp_path,
+        timeout=240,
+        TABBY_BIN=str(new_release(tmp_path, "ok", smoke_fail=broken)),
+        **env,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    r = json.loads(out.stdout)
+    assert not r["upgraded"] and r["rolled_back"] and r["rollback_failures"] == [], r
+    assert r["failures"] and r["failures"][0].startswith(
+        "completion" if broken == "completion" else "chat"
+    ), r
+    assert f"upgrade: smoke {'completion' if broken == 'completion' else 'chat stream'}: FAIL" in out.stderr
+    # The new release had applied its migration 51; the rollback put back the pre-upgrade database, byte for byte.
+    data_db = local / "data/ee/db.sqlite"
+    assert hashlib.sha256(data_db.read_bytes()).hexdigest() == snapshot_db_sha(
+        local / "backups", r["snapshot"]
+    )
+    after = rows(data_db)
+    assert "standin_upgraded" not in after["columns"] and after["migrations"][-1] == (50, 1)
+    assert health(port) == "v0.32.0-standin"
+    record = versions.read(local / "backups")
+    assert [(e["image"], e["outcome"]) for e in record["history"]] == [(NEW, "failed"), (OLD, "ok")]
+    assert record["current"]["image"] == OLD
 
 
 def test_a_good_upgrade_is_recorded_and_rolled_back_on_request(tmp_path, running):

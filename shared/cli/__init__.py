@@ -4,7 +4,13 @@ or on Modal. `cli` (the click group) lives in `common`; each command module adds
 
 from __future__ import annotations
 
+import os
 import sys
+
+if os.path.basename(sys.argv[0]) == "tabby-modal":  # the entry point: signals handled before the slow imports
+    from shared.state.interruption import install
+
+    install()
 
 import click
 
@@ -17,12 +23,15 @@ def main() -> None:
     """Every way out is one `error:` line and an exit code: 2 for bad input (also click's usage errors, with
     `{"ok": false, ...}` on stdout under `--json`), 130 for Ctrl-C."""
     from shared.cli.common import EXIT_INTERRUPTED, EXIT_REFUSED, fail
+    from shared.state import interruption
 
+    interruption.install()  # SIGINT and SIGTERM: exit 130 within 2 s, locks released (see shared.state.interruption)
     as_json = "--json" in sys.argv[1:]
     try:
         # Imported here so each module registers its commands on `cli` exactly once.
         from shared.cli import maintenance, repair, serve, setup, state, status, upgrade, warm  # noqa: F401
 
+        interruption.command_starts()
         code = cli.main(prog_name="tabby-modal", standalone_mode=False)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED, as_json)
@@ -39,4 +48,9 @@ def main() -> None:
         fail(f"{message}{hint}", EXIT_REFUSED, as_json)
     except click.ClickException as err:
         fail(err.format_message(), err.exit_code, as_json)
+    except Exception:
+        if interruption.requested():  # an error raised while unwinding an interrupt: still just "interrupted"
+            fail("interrupted", EXIT_INTERRUPTED, as_json)
+        raise
+    interruption.command_ends()
     sys.exit(code if isinstance(code, int) else 0)

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from shared.settings import Settings, SettingsError, load_settings
+from shared.state import interruption
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_REFUSED = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -152,10 +153,16 @@ def local_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def fail(message: str, code: int, as_json: bool) -> NoReturn:
     """The end of a refused run: `error: ...` on stderr, with `--json` also `{"ok": false, "error": ...}` on
-    stdout, and the exit code."""
+    stdout, and the exit code. After a SIGINT/SIGTERM any way out is "interrupted", 130."""
+    if interruption.requested():
+        message, code = "interrupted", EXIT_INTERRUPTED
+        interruption.said()
     say(f"error: {message}")
     if as_json:
         click.echo(json.dumps({"ok": False, "error": message}, sort_keys=True))
+    if interruption.requested():
+        interruption.exit_now(code)  # within the 2 s a stopping caller waits
+    interruption.command_ends()
     sys.exit(code)
 
 
@@ -174,5 +181,9 @@ def handled(f: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(err), EXIT_REFUSED, as_json)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED, as_json)
+        except Exception:
+            if interruption.requested():  # raised while unwinding an interrupt (a worker's, a lock's)
+                fail("interrupted", EXIT_INTERRUPTED, as_json)
+            raise
 
     return wrapper

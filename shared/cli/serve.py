@@ -12,6 +12,7 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -107,19 +108,30 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
         raise CommandError(f"refused: {err}; stop it first") from None
     except OSError as err:  # DIR read-only, a file, not ours...: taking the lock is the first write
         raise CommandError(unwritable(dirs["root"], err)) from None
+    _end_orphan(owner)
     try:
         # Persist and hydrate write there: find out now, not at the first persist. (A missing DIR/live is made by
         # hydrate, in DIR, which the lock just proved writable; making it here would look like a hydrate.)
         writable_dir(dirs["data"])
         if dirs["live"].exists():
             writable_dir(dirs["live"])
-        code = _run(settings, dirs, tabby, host, port)
+        code = _run(settings, dirs, tabby, host, port, owner)
     finally:
         owner.release()
     raise SystemExit(code)
 
 
-def _run(settings: Settings, dirs: dict[str, Path], tabby: str, host: str, port: int) -> int:
+def _end_orphan(owner: Any) -> None:
+    """A Tabby left running by a `serve` of DIR that died (SIGKILL): end its process group before starting."""
+    from shared.state.serve_lock import end_orphan, tabby_of
+
+    found = tabby_of(owner.previous)
+    if found is not None:
+        how = end_orphan(found)
+        say(f"serve: ended the Tabby (pid {found['pid']}) left running by a `serve` that died: {how}")
+
+
+def _run(settings: Settings, dirs: dict[str, Path], tabby: str, host: str, port: int, owner: Any) -> int:
     from shared.logs import setup_logging
     from shared.serving.runtime import TabbyServer
     from shared.state import lease
@@ -136,6 +148,7 @@ def _run(settings: Settings, dirs: dict[str, Path], tabby: str, host: str, port:
         maintenance_check=lambda: lease.reason(lease.DirDict(dirs["root"] / "locks")),
         maintenance_recheck=1.0,  # a local file read: cheap enough to look every second
     )
+    server.on_tabby_spawn = owner.note_tabby  # so the next `serve` can end it if this one is killed
     setup_logging()
     from shared.serving.host import run
 

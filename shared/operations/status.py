@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared import warm_hours
 from shared.operations import cron, local_server, versions
+from shared.state import serve_lock
 from shared.state.atomic import StateError
 
 if TYPE_CHECKING:
@@ -254,8 +255,19 @@ def local_status(settings: Settings, local: str, *, now: float | None = None) ->
     items = [item("settings", OK, f"valid; local form on {root}")]
     run = local_server.running(root)
     url = run["url"] if run else f"http://127.0.0.1:{settings.local_port}"
+    stray = serve_lock.orphan(root) if run is None else None
+    if stray is not None:  # a `serve` killed with SIGKILL left its Tabby (own process group) holding the port
+        items.append(
+            item(
+                "server",
+                PROBLEM,
+                f"not running, but the Tabby (pid {stray['pid']}) of a `serve` that died still runs"
+                f" (it keeps its port): the next serve ends it first",
+                c.tm("serve"),
+            )
+        )
     # Not running is information, not a problem: a stopped local server is a normal state (after a restore, say).
-    if run is None:
+    elif run is None:
         items.append(item("server", INFO, f"not running (nothing serves {root})", c.start_server()))
     else:
         code = local_server.probe(run["url"]) if run["url"] else None

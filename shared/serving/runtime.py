@@ -117,6 +117,9 @@ class TabbyServer:
         self.state = "new"
         self.reason: str | None = None
         self.supervisor: Supervisor | None = None
+        self.on_tabby_spawn: Callable[[int], None] | None = (
+            None  # serve --local records Tabby's pid with its lock
+        )
         self.last_persist: dict[str, Any] | None = None
         self.persist_count = 0
         self.persist_error: str | None = None  # why the last persist failed; None after a good one
@@ -251,6 +254,7 @@ class TabbyServer:
             startup_timeout=self.settings.startup_timeout,
             grace=self.grace,
             cwd=self.live_root,
+            on_spawn=self.on_tabby_spawn,
         )
 
     def start_in_background(self) -> threading.Thread:

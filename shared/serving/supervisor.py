@@ -231,8 +231,10 @@ class Supervisor:
         grace: float = GRACE,
         cwd: str | os.PathLike[str] | None = None,
         log_sink: Callable[[str], None] | None = None,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> None:
         self.command = list(command)
+        self.on_spawn = on_spawn  # told Tabby's pid (its process group) as soon as it runs
         self.env = dict(env)
         self.host, self.port = host, port
         self.startup_timeout = startup_timeout
@@ -264,6 +266,8 @@ class Supervisor:
             )
         except OSError as err:
             raise TabbyStartError(f"cannot run {self.command[0]}: {err.strerror or err}") from None
+        if self.on_spawn is not None:
+            self.on_spawn(self.proc.pid)
         self._started_at = time.monotonic()
         assert self.proc.stdout is not None
         self._pump = threading.Thread(

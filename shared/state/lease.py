@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shared.state import interruption
 from shared.state.atomic import StateError, fsync_dir, read_record, tmp_path
 from shared.state.locks import UNLOCK_HINT, WAIT_REPORT, Vouch, iso, process_alive, say, this_process
 
@@ -195,6 +196,7 @@ class Lease:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self.lost = False
+        self._hold: int | None = None  # registered with the forced exit of an interrupted run
 
     def record(self) -> dict[str, Any]:
         now = self.clock()
@@ -234,6 +236,7 @@ class Lease:
                     f"since {iso(_number(held.get('since')))}"
                 )
             self._stop.wait(self.poll)
+        self._hold = interruption.register(self._drop)
         self._start_heartbeat()
         return self
 
@@ -276,13 +279,22 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
+        interruption.unregister(self._hold)
         if self._beat is not None:
             self._beat.join()
             self._beat = None
+        if not self._drop():
+            self.lost = True
+
+    def _drop(self) -> bool:
+        """Remove the entry if it is ours (False when it was not: we were broken). Also what the forced exit of an
+        interrupted run calls, without waiting for the heartbeat; a second call finds nothing and does nothing."""
+        self._stop.set()
         current = self.d.pop(self.key, None)
         if isinstance(current, dict) and current.get("token") != self.token:
-            self.d.put(self.key, current, skip_if_exists=True)  # not ours (we were broken): put it back
-            self.lost = True
+            self.d.put(self.key, current, skip_if_exists=True)  # not ours: put it back
+            return False
+        return True
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.state import interruption
 from shared.state.atomic import StateError, fsync_dir, read_record
 
 LOCK_NAME = "lock.json"
@@ -285,6 +286,7 @@ class StoreLock:
         self.on_wait = on_wait
         self.token = secrets.token_hex(8)
         self.held = False
+        self._hold: int | None = None  # registered with the forced exit of an interrupted run
 
     def acquire(self) -> StoreLock:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -295,6 +297,7 @@ class StoreLock:
         while True:
             if _create(self.path, mine):
                 self.held = True
+                self._hold = interruption.register(self._drop)
                 return self
             info = _read(self.path)
             if info is None:
@@ -317,6 +320,12 @@ class StoreLock:
         if not self.held:
             return
         self.held = False
+        interruption.unregister(self._hold)
+        self._drop()
+
+    def _drop(self) -> None:
+        """Remove the lock file if it is still ours: idempotent, so an interrupted run's forced exit and its own
+        release may both call it."""
         info = _read(self.path)
         if info and info.get("token") == self.token:
             self.path.unlink(missing_ok=True)

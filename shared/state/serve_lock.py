@@ -13,23 +13,37 @@ the server app has a running container.
 
 flock has no "test" call, so `holder()` takes a shared lock for an instant; `ServeLock.acquire()` retries for a
 moment (`wait`) so such a look never makes a starting server refuse.
+
+Tabby runs in its own process group (so a stop reaches its llama-servers), which also means it outlives a `serve`
+killed with SIGKILL: the orphan keeps Tabby's port, and the next `serve` could not start it. So the record also
+names the running Tabby (`note_tabby`: its pid, which is its process group, and its start time from
+/proc/<pid>/stat), and a record left in a free lock file is read once: `orphan()` is that Tabby if it still runs
+(same host, same pid AND same start time: a reused pid is never taken for it), `end_orphan()` stops its group
+(SIGTERM, SIGKILL after a grace). The next `serve` does that before it starts; `status --local DIR` reports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from shared.state.atomic import StateError
+from shared.state.locks import _proc_stat
+
+log = logging.getLogger("tabby_modal.serve_lock")
 
 LOCK_NAME = "serve.lock"
 ACQUIRE_WAIT = 0.2  # a `holder()` look holds a shared lock for microseconds; a real holder holds it for hours
+ORPHAN_GRACE = 10.0  # seconds an orphan Tabby gets to stop on SIGTERM before SIGKILL
 
 
 class DirInUse(StateError):
@@ -108,6 +122,7 @@ class ServeLock:
         self.root = Path(root)
         self.path = lock_path(self.root)
         self.record: dict[str, Any] = {}
+        self.previous: Any = None  # the record found in the free lock file at acquire
         self._fd: int | None = None
 
     @property
@@ -134,6 +149,11 @@ class ServeLock:
                     os.close(fd)
                     raise DirInUse(self.root, _read_record(self.path)) from None
                 time.sleep(0.01)
+        # The record of the last holder, if it died without releasing: it may name a Tabby still running.
+        try:
+            self.previous = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+        except (OSError, ValueError):
+            self.previous = None
         self.record = {
             "op": "serve",
             "pid": os.getpid(),
@@ -145,6 +165,17 @@ class ServeLock:
         os.pwrite(fd, json.dumps(self.record).encode() + b"\n", 0)
         self._fd = fd
         return self
+
+    def note_tabby(self, pid: int) -> None:
+        """Record the Tabby this `serve` just started (pid = its process group, and its start time), so the next
+        `serve` can end it if this one dies without stopping it."""
+        if self._fd is None:
+            return
+        stat = _proc_stat(pid)
+        self.record = {**self.record, "tabby": {"pid": pid, "proc_start": stat[1] if stat else None}}
+        data = json.dumps(self.record).encode() + b"\n"
+        os.pwrite(self._fd, data, 0)
+        os.ftruncate(self._fd, len(data))
 
     def release(self) -> None:
         """Free DIR (also done by the kernel when the process ends)."""
@@ -162,3 +193,76 @@ class ServeLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def tabby_of(record: Any) -> dict[str, Any] | None:
+    """The Tabby a dead holder's record names, if it still runs: same host, and the live process at that pid has
+    the recorded start time (a pid reused by another process never matches); None otherwise."""
+    if not isinstance(record, dict) or not isinstance(record.get("tabby"), dict):
+        return None
+    tabby = record["tabby"]
+    pid, start = tabby.get("pid"), tabby.get("proc_start")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 1:
+        return None
+    if not isinstance(start, int):
+        return None  # never judged by the pid alone
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X") or stat[1] != start:
+        return None
+    return {"pid": pid, "proc_start": start, "port": record.get("port"), "serve_pid": record.get("pid")}
+
+
+def orphan(root: Path) -> dict[str, Any] | None:
+    """A Tabby left running by a `serve` of DIR that died (see `tabby_of`); None while a `serve` holds DIR."""
+    path = lock_path(root)
+    if holder(root) is not None:
+        return None
+    try:
+        record = json.loads(path.read_bytes() or b"null")
+    except (OSError, ValueError):
+        return None
+    return tabby_of(record)
+
+
+def end_orphan(found: dict[str, Any], grace: float = ORPHAN_GRACE) -> str:
+    """Stop an orphan Tabby's process group: SIGTERM, then SIGKILL after `grace`. Returns how it ended."""
+    pgid = found["pid"]
+
+    def members() -> list[int]:
+        out = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                stat = _proc_pgrp(int(name))
+                if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
+                    out.append(int(name))
+        return out
+
+    def still_ours() -> bool:  # the group leader is the recorded process (not a reused pid)
+        stat = _proc_stat(pgid)
+        return stat is not None and stat[1] == found["proc_start"] and stat[0] not in ("Z", "X")
+
+    if not still_ours():
+        return "already gone"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not members():
+            return "stopped on SIGTERM"
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and members():
+        time.sleep(0.02)
+    return f"killed (SIGKILL after {grace:.0f}s)"
+
+
+def _proc_pgrp(pid: int) -> tuple[str, int] | None:
+    """(state, process group) from /proc/<pid>/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return fields[0], int(fields[2])

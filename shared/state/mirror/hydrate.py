@@ -10,7 +10,6 @@ import posixpath
 import secrets
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from shared.state.atomic import (
     write_new_bytes,
     write_private,
 )
+from shared.state.interruption import worker_pool
 from shared.state.mirror.manifest import (
     Entry,
     load_manifest,
@@ -131,7 +131,7 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
 
         for d in sorted({posixpath.dirname(p) for p in entries} - {""}):
             (staging / d).mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(WORKERS) as pool:
+        with worker_pool(WORKERS) as pool:
             list(pool.map(lay, entries.values()))
         for p, e in entries.items():
             if e.link is not None and not inside(staging, staging / p):

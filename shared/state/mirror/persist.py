@@ -24,7 +24,6 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from shared.state.atomic import (
     write_bytes,
     write_temp,
 )
+from shared.state.interruption import worker_pool
 from shared.state.mirror.manifest import (
     DataDirReplaced,
     Entry,
@@ -394,7 +394,7 @@ def _persist(
     prog = progress or silent()
     # The databases are copied (backup API + check) after the files: part of the work the ETA counts.
     prog.set_totals(len(todo) + len(dbs), sum(nodes[p].size for p in [*todo, *dbs]))
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with worker_pool(WORKERS) as pool:
         for path, entry in zip(todo, pool.map(run.copy, todo), strict=True):
             if entry is not None:
                 run.new[path] = entry

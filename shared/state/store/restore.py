@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from shared.state.atomic import (
     sync_fs,
     write_private,
 )
+from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
 from shared.state.store.core import Snapshot, StoreCore
 from shared.state.store.snapshotting import take
@@ -168,7 +168,7 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
         first = sorted(
             snap.files.values(), key=lambda e: e.path not in database.DB_PATHS
         )  # the database first
-        with ThreadPoolExecutor(mirror.WORKERS) as pool:
+        with worker_pool(mirror.WORKERS) as pool:
             list(pool.map(lay, first))
         sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
         for p, e in snap.files.items():

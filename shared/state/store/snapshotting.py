@@ -10,7 +10,6 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +24,7 @@ from shared.state.atomic import (
     read_small,
     read_upto,
 )
+from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
 from shared.state.store.backend import blob_name, snapshot_name
 from shared.state.store.core import FORMAT, StoreCore, new_id
@@ -199,7 +199,7 @@ def _take_manifest(
 
     written: list[int] = []
     for chunk in _chunks(todo):
-        with store.backend.batch(), ThreadPoolExecutor(mirror.WORKERS) as pool:
+        with store.backend.batch(), worker_pool(mirror.WORKERS) as pool:
             written += pool.map(put, chunk)
     prog.finish()
     source = {
@@ -267,7 +267,7 @@ def _take_tree(store: StoreCore, root: Path, label: str, consistency: str) -> di
         raise StateError(f"{p} keeps changing while it is read; stop the writer and retry")
 
     for chunk in _chunks(plain, size_of=lambda p: nodes[p].size):
-        with store.backend.batch(), ThreadPoolExecutor(mirror.WORKERS) as pool:
+        with store.backend.batch(), worker_pool(mirror.WORKERS) as pool:
             for p, entry, created, size in pool.map(put, chunk):
                 if entry is not None:
                     files[p] = entry

@@ -9,7 +9,6 @@ import random
 import secrets
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from shared.state.atomic import (
     hash_stream,
     write_stream,
 )
+from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
 from shared.state.store import quarantine
 from shared.state.store.backend import blob_name, snapshot_name
@@ -116,7 +116,7 @@ def verify(
         return sha, None if got == sha else CORRUPT
 
     bad: set[str] = set()
-    with ThreadPoolExecutor(mirror.WORKERS) as pool:
+    with worker_pool(mirror.WORKERS) as pool:
         for sha, what in pool.map(rehash, chosen):
             if what:
                 bad.add(sha)
