@@ -80,6 +80,10 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
     except StateError as err:
         raise CommandError(f"refused: {err}; stop it first") from None
     try:
+        from shared.state import mirror
+
+        if dirs["data"].is_dir() and (cut := mirror.unfinished_change(dirs["data"])) is not None:
+            raise CommandError(str(mirror.InterruptedChange(dirs["data"], cut, "serve", f" --local {local}")))
         code = _run(settings, dirs, tabby, host, port)
     finally:
         owner.release()
