@@ -134,56 +134,66 @@ def check_refused_everywhere(tmp: Path, local: Path, target: str, *, serve: bool
 
 
 def run_faults(tmp: Path, extra: int, kills: int, ints: int, *, full_checks: int) -> dict[str, Any]:
-    """Restore B over A in a real process, interrupted at `kills` SIGKILL and `ints` SIGINT steps spread over the
-    whole swap; judge each outcome by content, check the readers, then finish with a second restore."""
+    """Restore B over A (then A over B, alternating) in a real process, interrupted at `kills` SIGKILL and `ints`
+    SIGINT steps spread over the whole swap; judge each outcome by content, check the readers on the first marked
+    ones, then finish with a second restore and check the result by content."""
     started = time.monotonic()
     local, store, a, b = two_states(tmp, extra)
-    print(f"\nA and B built in {time.monotonic() - started:.1f}s")
     data = local / "data"
-    want_a, want_b = snapshot_content(store, a), snapshot_content(store, b)
-    assert content(data) == want_a and want_a != want_b
-    total = steps(store, data, b)
-    plan = [(n, "KILL") for n in spread(total, kills)] + [(n, "INT") for n in spread(total, ints + 2)[1:-1]]
+    want = {a: snapshot_content(store, a), b: snapshot_content(store, b)}
+    assert content(data) == want[a] and want[a] != want[b]
+    fractions = [(i / (kills - 1), "KILL") for i in range(kills)]
+    fractions += [((i + 1) / (ints + 1), "INT") for i in range(ints)]
     counts = {"tried": 0, "old": 0, "new": 0, "marked": 0, "mixed_unmarked": 0, "lost": 0}
-    for at, sig in plan:
-        if content(data) != want_a:
-            store.restore(a, data)
-        cut = restore_cmd(local, b, tmp, TM_TEST_FAULT=f"restore:{at}:{sig}")
+    here, totals = a, set()
+    for fraction, sig in fractions:
+        target = b if here == a else a
+        total = steps(store, data, target)
+        totals.add(total)
+        at = 1 + round(fraction * (total - 1))
+        cut = restore_cmd(local, target, tmp, TM_TEST_FAULT=f"restore:{at}:{sig}")
         counts["tried"] += 1
         expected_rc = -signal.SIGKILL if sig == "KILL" else 130
         assert cut.returncode == expected_rc, (at, sig, cut.returncode, cut.stderr)
         now, marker = content(data), mirror.unfinished_change(data)
         if marker is not None:
             counts["marked"] += 1
-            assert marker["target"] == b and marker.get("safety")
+            assert marker["target"] == target and marker.get("safety")
             if counts["marked"] <= full_checks:
-                check_refused_everywhere(tmp, local, b, serve=counts["marked"] == 1)
-        elif now == want_a:
+                check_refused_everywhere(tmp, local, target, serve=counts["marked"] == 1)
+        elif now == want[here]:
             counts["old"] += 1
-        elif now == want_b:
+        elif now == want[target]:
             counts["new"] += 1
+            here = target
+            continue
         else:
             counts["mixed_unmarked"] += 1
+            store.restore(here, data)
             continue
         # Finish: the target restore, or (the first time) the way back to the safety snapshot; by the CLI while
         # the full checks run, then in-process (the same store code; the CLI adds the leases, checked above).
-        by_cli = counts["marked"] <= full_checks
-        goal, want = (
-            (marker["safety"], want_a) if marker is not None and counts["marked"] == 1 else (b, want_b)
-        )
-        if by_cli:
+        back = marker is not None and counts["marked"] == 1
+        goal, expect = (marker["safety"], want[here]) if back else (target, want[target])
+        if counts["marked"] <= full_checks:
             again = restore_cmd(local, goal, tmp)
             assert again.returncode == 0, again.stderr
             safety = again.stdout.rsplit("safety snapshot ", 1)[-1].strip()
         else:
             safety = store.restore(goal, data)["safety_snapshot"]
-        if content(data) != want:
+        if content(data) != expect:
             counts["lost"] += 1
         assert mirror.pending_info(data) is None
-        if marker is not None:  # the take-over kept the first run's safety snapshot, and it holds A
+        if (
+            marker is not None
+        ):  # the take-over kept the first run's safety snapshot, and it holds the old state
             assert safety == marker["safety"]
-            assert snapshot_content(store, marker["safety"]) == want_a
-    print(f"\n{time.monotonic() - started:.1f}s; restore faults over {total} steps ({len(want_a)} -> {len(want_b)} files): {counts}")
+            assert snapshot_content(store, marker["safety"]) == want[here]
+        here = here if back else target
+    took = time.monotonic() - started
+    print(
+        f"\nrestore faults ({len(want[a])} <-> {len(want[b])} files, {sorted(totals)} steps, {took:.1f}s): {counts}"
+    )
     return counts
 
 
@@ -291,6 +301,8 @@ def test_one_writer_per_dir_while_serve_runs(tmp_path):
         wait_ready(url, proc)
         token = claim(url)
         register(url, token, "acked@example.com")  # acknowledged: it must survive everything below
+        snap = run_cli(["snapshot", "--local", str(local)], tmp_path)  # allowed while serving: reads DIR/data
+        assert snap.returncode == 0, snap.stderr
         data_before, live_db = tree_state(local / "data"), (local / "live/ee/db.sqlite").stat().st_ino
         for args in (
             ["persist", "--root", str(other)],
