@@ -198,7 +198,7 @@ def run_faults(tmp: Path, extra: int, kills: int, ints: int, *, full_checks: int
 
 
 def test_interrupted_restore_is_old_new_or_marked_and_refused(tmp_path):
-    counts = run_faults(tmp_path, extra=240, kills=8, ints=3, full_checks=2)
+    counts = run_faults(tmp_path, extra=240, kills=8, ints=2, full_checks=1)
     assert counts["mixed_unmarked"] == 0 and counts["lost"] == 0
     assert counts["marked"] >= 6  # most steps are inside the swap: the marker must be what makes them safe
     assert counts["tried"] == counts["old"] + counts["new"] + counts["marked"]
@@ -206,7 +206,7 @@ def test_interrupted_restore_is_old_new_or_marked_and_refused(tmp_path):
 
 @pytest.mark.stress
 def test_interrupted_restore_stress_20k_files(tmp_path):
-    counts = run_faults(tmp_path, extra=20_000, kills=40, ints=10, full_checks=3)
+    counts = run_faults(tmp_path, extra=20_000, kills=24, ints=6, full_checks=1)
     assert counts["mixed_unmarked"] == 0 and counts["lost"] == 0
 
 

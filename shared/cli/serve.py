@@ -82,7 +82,8 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
     try:
         from shared.state import mirror
 
-        if dirs["data"].is_dir() and (cut := mirror.unfinished_change(dirs["data"])) is not None:
+        cut = mirror.unfinished_change(dirs["data"]) if dirs["data"].is_dir() else None
+        if cut is not None and not mirror.pending_alive(cut):  # a running one: its lease makes Tabby wait
             raise CommandError(str(mirror.InterruptedChange(dirs["data"], cut, "serve", f" --local {local}")))
         code = _run(settings, dirs, tabby, host, port)
     finally:
