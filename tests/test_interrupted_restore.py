@@ -309,7 +309,6 @@ def test_one_writer_per_dir_while_serve_runs(tmp_path):
         data_before, live_db = tree_state(local / "data"), (local / "live/ee/db.sqlite").stat().st_ino
         for args in (
             ["persist", "--root", str(other)],
-            ["persist", "--root", str(local / "live")],
             ["hydrate", "--root", str(local / "live")],
             ["restore", "latest", "--yes"],
             ["reset", "--scope", "auth", "--yes"],
