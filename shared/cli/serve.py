@@ -115,6 +115,11 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
         writable_dir(dirs["data"])
         if dirs["live"].exists():
             writable_dir(dirs["live"])
+        from shared.state import mirror
+
+        cut = mirror.unfinished_change(dirs["data"]) if dirs["data"].is_dir() else None
+        if cut is not None and not mirror.pending_alive(cut):  # a running one: its lease makes Tabby wait
+            raise CommandError(str(mirror.InterruptedChange(dirs["data"], cut, "serve", f" --local {local}")))
         code = _run(settings, dirs, tabby, host, port, owner)
     finally:
         owner.release()

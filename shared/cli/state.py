@@ -377,6 +377,8 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
         lines = [
             f"{r.get('snapshot') or r.get('data_dir')}: {r['files']} files, {mib(r['bytes'])}, {r['inodes']} inodes"
         ]
+        if cut := r.get("interrupted"):  # first: the figures below describe a mix, not a state
+            lines.insert(0, f"INTERRUPTED: this data dir holds {cut['describe']}: {cut['next']}")
         for top, d in r["dirs"].items():
             lines.append(f"  {top + '/':<16} {d['files']:>7} files  {mib(d['bytes']):>12}")
         if db.get("present"):

@@ -8,7 +8,10 @@
   which the server checks before it starts; every run that writes the backups store holds the `store` lease, so a
   scheduled snapshot in one container and a prune in another never interleave.
 - **Never two writers of /data.** `restore` and `reset` refuse while the server app has running containers
-  (locally: while `serve --local DIR` holds DIR's serve lock, `shared.state.serve_lock`).
+  (locally: while `serve --local DIR` holds DIR's serve lock, `shared.state.serve_lock`); locally `persist` into
+  DIR/data and `hydrate` into DIR's live root refuse too (one writer per DIR: the server's own persists).
+- **No half-done state passes for one.** A data dir an interrupted restore or reset left (its pending marker) is
+  refused by hydrate, persist and snapshot with the command that finishes it, spelled for this form.
 - **Confirmation.** `restore`, `reset` and `prune` (not dry-run) need `confirm` equal to the data Volume's name:
   `tabby-modal` passes it after its two-signal check; an ad hoc `modal run` must spell it out.
 
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.operations import versions
 from shared.operations.local import LocalOps
-from shared.state import archive, lease, locks, serve_lock
+from shared.state import archive, lease, locks, mirror, serve_lock
 from shared.state.atomic import StateError
 from shared.state.store.core import check_label
 from shared.state.store.prune import KEEP_SAFETY
@@ -69,6 +72,7 @@ class Maintenance:
         self.server_containers = server_containers
         self.serve_dir = serve_dir  # locally: the DIR whose serve lock says whether `serve --local DIR` runs
         self.store_wait = STORE_WAIT if store_wait is None else store_wait
+        self.flag = f" --local {serve_dir}" if serve_dir is not None else ""  # how commands are spelled here
 
     # --- plumbing ---------------------------------------------------------------------------------------------
 
@@ -109,6 +113,23 @@ class Maintenance:
                 f"(confirm={self.data_volume_name!r}, `--confirm {self.data_volume_name}` with modal run)"
             )
 
+    @contextlib.contextmanager
+    def _spelled(self) -> Iterator[None]:
+        """An unfinished restore's refusal names the commands of this form (`--local DIR` locally)."""
+        try:
+            yield
+        except mirror.InterruptedChange as err:
+            raise err.spelled(self.flag) from None
+
+    def _not_served(self, action: str) -> None:
+        """Locally: refuse while `serve --local DIR` holds DIR (it is the one writer of DIR/data and DIR/live)."""
+        record = serve_lock.holder(self.serve_dir) if self.serve_dir is not None else None
+        if record is not None:
+            raise StateError(
+                f"refused: {action} while {serve_lock.describe(record)} serves {self.serve_dir}: "
+                "it is the one writer of its data and live root; stop it first"
+            )
+
     def _server_stopped(self, action: str, force: bool) -> None:
         if self.serve_dir is not None:
             record = serve_lock.holder(self.serve_dir)
@@ -146,6 +167,9 @@ class Maintenance:
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         self._reload(self.data, self.backups)
         result = {**self.ops.inspect(snapshot_id), "locks": self._locks_status()}
+        if result.get("interrupted") and (info := mirror.unfinished_change(self.ops.data_dir)):
+            finish, back = mirror.finish_commands(info, self.flag)
+            result["interrupted"].update(next=mirror.next_step(info, self.flag), finish=finish, rollback=back)
         return versions.annotate(result, self.ops.backups_dir)  # which Tabby runs / wrote this database
 
     def verify(self, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
@@ -171,7 +195,7 @@ class Maintenance:
     def snapshot(self, label: str = "manual") -> dict[str, Any]:
         """Allowed while the server runs: it takes the last complete persist (manifest-consistent)."""
         self._need_data_dir()
-        with self._writing_store("snapshot"):
+        with self._writing_store("snapshot"), self._spelled():
             self._reload(self.data)
             return self.ops.snapshot(label)
 
@@ -285,7 +309,7 @@ class Maintenance:
         self._confirm(f"restore {snapshot_id}", confirm)
         self._reload(self.backups)
         self.ops.store.resolve(snapshot_id)  # an unknown id is refused before any lease is taken
-        with self._writing_data("restore", force):
+        with self._writing_data("restore", force), self._spelled():
             return self.ops.restore(
                 snapshot_id, force=force, guard=self.server_containers is None, partial=partial
             )
@@ -294,7 +318,7 @@ class Maintenance:
         self._confirm(f"reset --scope {scope}", confirm)
         self._reload(self.data)
         self._need_data_dir()
-        with self._writing_data(f"reset {scope}", force):
+        with self._writing_data(f"reset {scope}", force), self._spelled():
             return self.ops.reset(scope, force=force, guard=self.server_containers is None)
 
     # --- leases -----------------------------------------------------------------------------------------------
@@ -332,10 +356,24 @@ class Maintenance:
     # --- local only -------------------------------------------------------------------------------------------
 
     def persist(self, root: Path, **kwargs: Any) -> dict[str, Any]:
-        return self.ops.persist(root, **kwargs)
+        """Refused while `serve --local DIR` runs: its persists would find the data dir written by someone else."""
+        self._not_served("persist")
+        with self._spelled():
+            return self.ops.persist(root, **kwargs)
 
     def hydrate(self, root: Path) -> dict[str, Any]:
-        return self.ops.hydrate(root)
+        """Refused into DIR (its live root above all) while `serve --local DIR` runs: Tabby works in it. A copy
+        elsewhere only reads DIR/data, so it goes ahead."""
+        if self.serve_dir is not None and _overlap(Path(root), self.serve_dir):
+            self._not_served(f"hydrate into {root}")
+        with self._spelled():
+            return self.ops.hydrate(root)
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Is one of the two folders inside the other (or the same)?"""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def for_local(settings: Settings, local: str | Path | None) -> Maintenance:

@@ -134,6 +134,9 @@ def state_items(
     settings: Settings, report: dict[str, Any], now: float, c: Commands, url: str | None
 ) -> list[dict[str, Any]]:
     out = []
+    if cut := report.get("interrupted"):  # the lines below describe a mix of two states until this is done
+        back = f"; `{cut['rollback']}` goes back to the state before it" if cut.get("rollback") else ""
+        out.append(item("data dir", PROBLEM, f"holds {cut['describe']}{back}", cut["finish"]))
     db = report.get("db") or {}
     if not db.get("present"):
         out.append(

@@ -62,7 +62,8 @@ def inspect(
 
     Keys: `db` {integrity, users, owner (id 1, admin), tables, schema_version, migrations, ...}, `dirs`
     {top: {files, bytes}}, `files`, `bytes`, `inodes`, `last_persist` {time, age_seconds, ...} or None,
-    `snapshots` {count, bytes, blobs, newest}.
+    `snapshots` {count, bytes, blobs, newest}; and `interrupted` {op, target, scope, safety, running, describe,
+    next} when an unfinished restore or reset left its marker (the tree is then no state at all).
     """
     now = time.time() if now is None else now
     snapshots = store.stats() if store is not None else None
@@ -98,6 +99,18 @@ def inspect(
     }
     if manifest_problem:
         out["manifest_problem"] = manifest_problem
+    if pending is not None and pending.get("op") in mirror.BLOCKING_OPS:
+        # Whatever the database says, this tree is a mix of two states until a restore finishes the job.
+        out["interrupted"] = {
+            "op": pending.get("op"),
+            "target": pending.get("target"),
+            "scope": pending.get("scope"),
+            "safety": pending.get("safety"),
+            "running": mirror.pending_alive(pending),
+            "describe": mirror.describe_change(pending),
+            "next": mirror.next_step(pending),
+            **dict(zip(("finish", "rollback"), mirror.finish_commands(pending), strict=True)),
+        }
     return out
 
 

@@ -31,6 +31,7 @@ from shared.state.mirror.manifest import (
     Entry,
     load_manifest,
     pending_info,
+    refuse_unfinished,
 )
 from shared.state.mirror.scan import (
     WORKERS,
@@ -56,11 +57,14 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
     Everything is copied into a staging dir and checked (hashes, links, the database's quick_check) before
     `live_root` is touched; any failure raises StateError and leaves `live_root` as it was. An empty data dir is a
     fresh instance (`fresh: True`). With a pending marker (an interrupted persist) the data dir is taken as it
-    stands: every file in it is whole, and the database is checked. Files in `live_root` that the state does not
+    stands: every file in it is whole, and the database is checked. An unfinished restore or reset (its marker) is
+    refused: InterruptedChange names the command that finishes it. Files in `live_root` that the state does not
     have are removed, and so are stale SQLite sidecars; `models/` and lock files are left alone.
     """
     data_dir, live_root = Path(data_dir), Path(live_root)
     started = time.monotonic()
+    if data_dir.is_dir():
+        refuse_unfinished(data_dir, "hydrate")  # a half-done restore or reset is no state to serve
     manifest = load_manifest(data_dir) if data_dir.is_dir() else None
     pending = pending_info(data_dir) if data_dir.is_dir() else None
     if manifest is not None and pending is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shared.state import database
+from shared.state import database, fault_points
 from shared.state.atomic import (
     SHA256_RE,
     StateError,
@@ -42,6 +42,82 @@ FORMAT = 1
 class DataDirReplaced(StateError):
     """The data dir is no longer the one a live root was hydrated from (or last persisted into): a restore, a reset
     or another writer changed it. Persisting that live root would overwrite their data."""
+
+
+# A restore or reset interrupted mid-way leaves a data dir that is neither the old state nor the new one: their
+# pending marker blocks hydrate, persist and snapshot until a restore (or the same reset) finishes the job. An
+# interrupted persist's marker does not: every file is whole and the next persist repairs the tree.
+BLOCKING_OPS = ("restore", "reset")
+
+
+class InterruptedChange(DataDirReplaced):
+    """The data dir holds an unfinished restore or reset (`info` is its pending marker): serving, persisting or
+    snapshotting it would treat a mix of two states as one. The message names the command that finishes it."""
+
+    def __init__(self, data_dir: Path, info: dict[str, Any], action: str, flag: str = "") -> None:
+        self.data_dir, self.info, self.action = Path(data_dir), info, action
+        super().__init__(
+            f"refused: {action}: {data_dir} holds {describe_change(info)}: {next_step(info, flag)}"
+        )
+
+    def spelled(self, flag: str) -> InterruptedChange:
+        """The same refusal naming commands with `flag` (` --local DIR`)."""
+        return InterruptedChange(self.data_dir, self.info, self.action, flag)
+
+
+def unfinished_change(data_dir: Path) -> dict[str, Any] | None:
+    """The pending marker of a restore or reset that has not finished (running now, or interrupted); else None."""
+    info = pending_info(data_dir)
+    return info if info is not None and info.get("op") in BLOCKING_OPS else None
+
+
+def refuse_unfinished(data_dir: Path, action: str) -> None:
+    """Raise InterruptedChange when the data dir holds an unfinished restore or reset."""
+    info = unfinished_change(data_dir)
+    if info is not None:
+        raise InterruptedChange(data_dir, info, action)
+
+
+def describe_change(info: dict[str, Any]) -> str:
+    """`an interrupted restore of ID (started T, pid P; safety snapshot S)`; `a restore ... in progress` if alive."""
+    op = info.get("op") or "change"
+    what = f"{op} of {info['target']}" if info.get("target") else f"{op} --scope {info.get('scope') or '?'}"
+    if op == "restore" and not info.get("target"):
+        what = "restore (of a snapshot it did not record)"
+    bits = []
+    if isinstance(info.get("time"), int | float):
+        bits.append(f"started {iso(info['time'])}")
+    if info.get("pid"):
+        bits.append(f"pid {info['pid']}")
+    if info.get("safety"):
+        bits.append(f"safety snapshot {info['safety']}")
+    tail = f" ({', '.join(bits)})" if bits else ""
+    if pending_alive(info):
+        return f"a {what} in progress{tail}"
+    return f"an interrupted {what}{tail}, a mix of the old and new state"
+
+
+def finish_commands(info: dict[str, Any], flag: str = "") -> tuple[str, str | None]:
+    """(the command that finishes an unfinished restore or reset, the one that goes back to before it or None)."""
+    if info.get("op") == "restore" and info.get("target"):
+        finish = f"tabby-modal restore {info['target']}{flag}"
+    elif info.get("op") == "reset" and info.get("scope"):
+        finish = f"tabby-modal reset --scope {info['scope']}{flag}"
+    else:
+        finish = f"tabby-modal restore ID{flag}"  # an old marker without its target: any snapshot
+    return finish, (f"tabby-modal restore {info['safety']}{flag}" if info.get("safety") else None)
+
+
+def next_step(info: dict[str, Any], flag: str = "") -> str:
+    """What to do about an unfinished restore or reset, with the exact commands."""
+    if pending_alive(info):
+        return f"wait for it to end (pid {info.get('pid')}), then look again"
+    finish, back = finish_commands(info, flag)
+    if "restore ID" in finish:
+        finish += f"` with a snapshot from `tabby-modal snapshots{flag}"
+    if back:
+        return f"run `{finish}` to finish it, or `{back}` to go back to the state before it"
+    return f"run `{finish}` to finish it"
 
 
 @contextlib.contextmanager
@@ -250,8 +326,11 @@ def pending_alive(info: dict[str, Any] | None) -> bool:
     return bool(info) and process_alive(info) is True  # type: ignore[arg-type]
 
 
-def write_pending(data_dir: Path, op: str) -> None:
-    write_bytes(Path(data_dir) / PENDING, json.dumps({**this_process(), "op": op}).encode())
+def write_pending(data_dir: Path, op: str, **about: Any) -> None:
+    """The durable marker, written before the first change: `about` says what a restore or reset was doing
+    (`target` snapshot, `scope`, `safety` snapshot), for the readers' messages and the run that finishes it."""
+    doc = {**this_process(), "op": op, **{k: v for k, v in about.items() if v is not None}}
+    write_bytes(Path(data_dir) / PENDING, json.dumps(doc).encode())
 
 
 def clear_pending(data_dir: Path) -> None:
@@ -304,5 +383,6 @@ def rebuild_manifest(
         origin=origin,
     )
     write_manifest(data_dir, manifest)
+    fault_points.reached(origin)  # the new state is whole and described; only the marker is left
     clear_pending(data_dir)
     return manifest

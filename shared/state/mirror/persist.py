@@ -10,7 +10,8 @@ Changed files are first written (and fsynced) into a staging folder inside `.tab
 only once the whole pass has been copied: a pass that fails (a full disk) leaves the data dir exactly as it was.
 A pending marker (`.tabby-modal/pending.json`) is written before the first change of a pass and removed after the
 manifest: readers that find it know the tree may be a mix of two passes (each file whole, the index still
-consistent), as after a crash; the next persist repairs it. A pass with nothing changed only stats live files.
+consistent), as after a crash; the next persist repairs it. The marker of an unfinished restore or reset is not
+repaired: persist refuses (InterruptedChange) until a restore finishes the job. A pass with nothing changed only stats live files.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from shared.state.mirror.manifest import (
     clear_pending,
     load_manifest,
     pending_info,
+    refuse_unfinished,
     write_manifest,
     write_pending,
     writing,
@@ -342,6 +344,8 @@ def _persist(
     runs: list[_Persist],
 ) -> dict[str, Any]:
     warnings: list[str] = []
+    # Never "repair" a half-done restore or reset into a state of its own: that would make the mix look healthy.
+    refuse_unfinished(data_dir, "persist")
     try:
         prev = load_manifest(data_dir)
     except StateError as err:

@@ -1,5 +1,11 @@
 """Restore a snapshot into a data dir, or reset part of one, each after a safety snapshot and refused while a
 server may be persisting into it.
+
+Before its first change to the data dir each writes a durable pending marker naming what it does (`op`, the
+`target` snapshot or the `scope`, the `safety` snapshot); it is cleared only once the new state is whole and
+described. An interrupted run leaves the marker: hydrate, persist and snapshot refuse that data dir, inspect and
+status name it, and the next restore (any snapshot: the target finishes the job, the safety snapshot goes back) or
+the same reset takes it over, keeping the first run's safety snapshot.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.state import database, mirror
+from shared.state import database, fault_points, mirror
 from shared.state.atomic import (
     StateError,
     ensure_dir,
@@ -129,8 +135,11 @@ def restore(
                 "to take the rest"
             )
         snap = without(snap, {m["path"] for m in missing})
-        safety = _safety(store, data_dir, "pre-restore", force)
-        _lay_down(store, snap, data_dir)
+        prior = _unfinished(data_dir)
+        # Finishing an interrupted restore or reset: the data dir is a mix, and the state before it is already in
+        # that run's safety snapshot, which stays the one to go back to.
+        safety = prior.get("safety") if prior else _safety(store, data_dir, "pre-restore", force)
+        _lay_down(store, snap, data_dir, safety)
     return {
         "restored": sid,
         "files": len(snap.files),
@@ -138,11 +147,21 @@ def restore(
         "safety_snapshot": safety,
         "left_out": missing,
         "skipped_newer": skipped,
+        "finished": _finished(prior),
         "seconds": round(time.monotonic() - started, 4),
     }
 
 
-def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
+def _unfinished(data_dir: Path) -> dict[str, Any] | None:
+    """The marker of an interrupted restore or reset this run takes over (a running one was refused by _guard)."""
+    return mirror.unfinished_change(data_dir) if data_dir.is_dir() else None
+
+
+def _finished(prior: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {k: prior.get(k) for k in ("op", "target", "scope", "safety")} if prior else None
+
+
+def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | None) -> None:
     ensure_dir(data_dir)
     meta = data_dir / mirror.META_DIR
     for old in meta.glob(f"restore{TMP_STAGING}*") if meta.is_dir() else []:
@@ -180,29 +199,41 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path) -> None:
                 raise StateError(f"refused: {p} fails quick_check after staging ({c})")
         # From here the data dir changes, under its writer lock (a persist pass running now ends first, the next one
         # sees the new epoch); the pending marker tells readers it is mid-way.
+        # The marker is durable before the first change and names the target and the safety snapshot: whatever
+        # stops this run from here on (kill -9, Ctrl-C, a lost container), every reader refuses the mix and names
+        # `restore <target>` (finish) or `restore <safety>` (go back), and only a restore clears it.
         with mirror.writing(data_dir):
-            mirror.write_pending(data_dir, "restore")
+            fault_points.reached("restore")
+            mirror.write_pending(data_dir, "restore", target=snap.id, safety=safety)
             existing = mirror.scan(data_dir)
             for p in database.DB_PATHS:
                 for side in database.sidecars(data_dir / p):
                     side.unlink(missing_ok=True)
             touched = set()
             for p in sorted(snap.files):
+                fault_points.reached("restore")
                 mirror.clear_way(data_dir, p)
                 ensure_dir((data_dir / p).parent)
                 os.replace(staging / p, data_dir / p)
                 touched.add((data_dir / p).parent)
             gone = [p for p in existing if p not in snap.files]
             for p in gone:
+                fault_points.reached("restore")
                 mirror.remove(data_dir, p)
             mirror.prune_empty_dirs(data_dir, gone)
             for d in touched:
                 with contextlib.suppress(FileNotFoundError):
                     fsync_dir(d)
+            fault_points.reached("restore")
             mirror.rebuild_manifest(data_dir, origin="restore", known=snap.files, checks=checks)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     prog.finish()
+
+
+def _reset_finishes(prior: dict[str, Any], scope: str) -> bool:
+    """A reset finishes an interrupted reset of the same scope (or `all`); a half-done restore needs a restore."""
+    return prior.get("op") == "reset" and scope in (prior.get("scope"), "all")
 
 
 def reset(
@@ -219,19 +250,25 @@ def reset(
     if guard:
         _guard(store, data_dir, "reset", force)
     with store.lock("reset"):
-        safety = _safety(store, data_dir, f"pre-reset-{scope}", force)
+        prior = _unfinished(data_dir)
+        if prior and not _reset_finishes(prior, scope):
+            raise mirror.InterruptedChange(data_dir, prior, f"reset --scope {scope}")
+        safety = prior.get("safety") if prior else _safety(store, data_dir, f"pre-reset-{scope}", force)
         prefixes = SCOPES[scope]
         doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
         freed = 0
         with mirror.writing(data_dir):  # see _lay_down
-            mirror.write_pending(data_dir, "reset")
+            fault_points.reached("reset")
+            mirror.write_pending(data_dir, "reset", scope=scope, safety=safety)
             if scope in ("all", "auth"):
                 for p in database.DB_PATHS:
                     for side in database.sidecars(data_dir / p):
                         side.unlink(missing_ok=True)
             for p in doomed:
+                fault_points.reached("reset")
                 freed += mirror.remove(data_dir, p)
             mirror.prune_empty_dirs(data_dir, doomed)
+            fault_points.reached("reset")
             left = mirror.rebuild_manifest(data_dir, origin="reset")
     return {
         "scope": scope,
@@ -239,5 +276,6 @@ def reset(
         "removed_bytes": freed,
         "files_left": len(left.files),
         "safety_snapshot": safety,
+        "finished": _finished(prior),
         "seconds": round(time.monotonic() - started, 4),
     }

@@ -158,6 +158,9 @@ def take(store: StoreCore, data_dir: Path, label: str) -> dict[str, Any]:
             time.sleep(0.05)  # a persist on this host finishes within moments
             pending = mirror.pending_info(data_dir)
             manifest = mirror.load_manifest(data_dir)
+        if pending is not None and pending.get("op") in mirror.BLOCKING_OPS:
+            # A half-done restore or reset: a snapshot of that mix would later restore it as if it were a state.
+            raise mirror.InterruptedChange(data_dir, pending, "snapshot")
         if manifest is None and pending is None:
             return _take_tree(store, data_dir, label, "direct")
         if pending is not None or manifest is None:
