@@ -61,7 +61,7 @@ def make_monorepo(root: Path, nfiles: int, *, seed: int = 0, name: str = MONOREP
     """A git working tree of `nfiles` source files under `root/name` (dirs of ~40 files, 3 levels deep) with a
     `.git/` holding one packfile (~30% of the tree's bytes), its .idx, an index file and refs, as `git clone` leaves
     it. Content is sliced from one random buffer and prefixed with the path, so every file is distinct (the store
-    deduplicates identical blobs) and generation stays fast (~1 s per 20k files)."""
+    deduplicates identical blobs) and generation stays fast (seconds per 20k files)."""
     rng = random.Random(seed)
     repo = Path(root) / name
     pool = rng.randbytes(8 << 20)
