@@ -163,8 +163,13 @@ def read_mirror(data: Path, live: Path, workers: int) -> dict[str, Any]:
     for d in sorted({os.path.dirname(r[0]) for r in rows} - {""}):
         (staging / d).mkdir(parents=True, exist_ok=True)
     by_pack: dict[int, list[Row]] = {}
+    loose = 0
     for r in rows:
-        by_pack.setdefault(r[1], []).append(r)
+        if r[1] < 0:  # each large file is a task of its own (keys -1, -2, ...): no straggler copying them all
+            loose -= 1
+            by_pack[loose] = [r]
+        else:
+            by_pack.setdefault(r[1], []).append(r)
     umask = os.umask(0)
     os.umask(umask)
 
@@ -211,7 +216,8 @@ def read_mirror(data: Path, live: Path, workers: int) -> dict[str, Any]:
         return len(by_pack[k])
 
     with ThreadPoolExecutor(workers) as pool:
-        laid = sum(pool.map(lay_pack, sorted(by_pack, key=lambda k: -len(by_pack[k]))))
+        # Biggest tasks first (bytes), so the last ones to finish are short.
+        laid = sum(pool.map(lay_pack, sorted(by_pack, key=lambda k: -sum(r[3] for r in by_pack[k]))))
     # No barrier: the live root is the container's local disk, gone with it (today's hydrate has none either).
     os.rename(staging, live)
     return {"files": laid}
