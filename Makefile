@@ -17,7 +17,7 @@ ENVF = $(if $(MODAL_ENV),-e $(MODAL_ENV))
 YESF = $(if $(YES),--yes)
 
 .PHONY: help install test stress lint format config doctor need-modal secrets warm-cache deploy deploy-warmer \
-	deploy-server deploy-maintenance stop-server rotate-jwt-secret serve-local smoke bench backup-volume snapshots inspect-volume \
+	deploy-server deploy-maintenance stop-server rotate-jwt-secret serve-local smoke bench bench-scale backup-volume snapshots inspect-volume \
 	verify-backups restore-volume reset-volume prune-backups warm cold status upgrade
 
 help:
@@ -97,8 +97,11 @@ smoke: ## Smoke-test a deployment: make smoke URL=https://... TOKEN=auth_...
 	@test -n "$(URL)" || { echo "usage: make smoke URL=https://... TOKEN=..." >&2; exit 2; }
 	$(PY) scripts/smoke.py --url "$(URL)" --token "$(TOKEN)"
 
-bench: ## Benchmarks: tables of side-by-side figures
-	@for s in scripts/bench_*.py; do echo "== $$s"; $(PY) $$s || exit $$?; done
+bench: ## Benchmarks: tables of side-by-side figures (the team-size run is `make bench-scale`)
+	@for s in scripts/bench_*.py; do [ "$$s" = scripts/bench_scale.py ] && continue; echo "== $$s"; $(PY) $$s || exit $$?; done
+
+bench-scale: ## The state engine at a team's size: 20k and 200k-file roots (about 30 min today; QUICK=1 for a short run)
+	$(PY) scripts/bench_scale.py $(if $(QUICK),--quick)
 
 backup-volume: need-modal ## Snapshot the data Volume now
 	$(TM) snapshot --label manual
