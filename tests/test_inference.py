@@ -49,7 +49,7 @@ def test_llama_server_commands_are_tabbys(tmp_path: Path) -> None:
     ]
     embed = llama_command("llama-server", servers["embedding"], 31001, 4, env={"LLAMA_CPP_N_THREADS": "3"})
     assert embed[embed.index("-np") + 1] == "1"  # Tabby's embedding model runs with parallelism 1
-    assert embed[-3:] == ["--embedding", "--ubatch-size", "4096"] and ["-t", "3"] == embed[10:12]
+    assert embed[-3:] == ["--embedding", "--ubatch-size", "4096"] and embed[10:12] == ["-t", "3"]
     chat = llama_command("llama-server", servers["chat"], 31002, 2, device="cpu", env={})
     assert chat[-2:] == ["--chat-template", CHAT_TEMPLATE] and "-ngl" not in chat
     # The same model for completion and chat: one server serves both, as Tabby does.
@@ -86,7 +86,9 @@ def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_front_cold_then_serves_routes_auth_and_cancel(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_front_cold_then_serves_routes_auth_and_cancel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     gate = tmp_path / "loaded"
     front = Front(tmp_path, STANDIN_LLAMA_LOAD_GATE=str(gate))
     front.inference.start()
@@ -104,7 +106,9 @@ def test_front_cold_then_serves_routes_auth_and_cancel(tmp_path: Path, caplog: p
             gate.touch()
             r = await asyncio.wait_for(waiting, 20)
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
-            events = [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: ")]
+            events = [
+                json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: ")
+            ]
             assert "".join(e["content"] for e in events) == expected_text(prompt, 6) and events[-1]["stop"]
             await asyncio.to_thread(poll, front.inference.ready, 20, what="every model loaded")
             async with http.get(f"{url}/health") as r:
@@ -140,7 +144,10 @@ def test_front_cold_then_serves_routes_auth_and_cancel(tmp_path: Path, caplog: p
             await r.content.readline()
             r.close()
             await asyncio.to_thread(
-                poll, lambda: front.stats("completion")["disconnects"] == 1, 10, what="the disconnect to reach it"
+                poll,
+                lambda: front.stats("completion")["disconnects"] == 1,
+                10,
+                what="the disconnect to reach it",
             )
             stats = front.stats("completion")
             assert stats["tokens_after_disconnect"] == 0 and stats["tokens_generated"] < 100
