@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,3 +422,57 @@ def for_modal(settings: Settings) -> Inference:
     if not key:
         log.error("%s is not set in the Modal secret: every model request gets 401 (`make secrets`)", KEY_ENV)
     return Inference(settings, binary=binary, key=key)
+
+
+# --- The Tabby side's view ------------------------------------------------------------------------------------
+
+INFERENCE_CLASS = "Inference"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where Tabby sends its model requests in split mode, and the key it sends."""
+
+    url: str
+    key: str | None
+
+
+def endpoint_from_modal(settings: Settings) -> Endpoint:
+    """The inference class's web URL through Modal's client (the same app: it is deployed together with Tabby),
+    and the key from the Modal secret. Raises InferenceError with one line when it cannot be found."""
+    import modal
+
+    try:
+        cls = modal.Cls.from_name(
+            settings.server_app, INFERENCE_CLASS, environment_name=settings.modal_environment
+        )
+        url = cls().web.get_web_url()
+    except Exception as err:  # modal's NotFoundError, a connection error: the reason goes into Tabby's 503
+        raise InferenceError(
+            f"cannot look up {settings.server_app}.{INFERENCE_CLASS} through Modal ({err}); was it deployed with "
+            "TABBY_MODAL_INFERENCE=split?"
+        ) from None
+    if not url:
+        raise InferenceError(f"{settings.server_app}.{INFERENCE_CLASS}.web has no web URL")
+    key = settings.inference_key.get_secret_value() if settings.inference_key else None
+    if not key:
+        log.error(
+            "%s is not set in the Modal secret: the inference endpoint answers 401 (`make secrets`)", KEY_ENV
+        )
+    return Endpoint(url.rstrip("/"), key)
+
+
+def split_endpoint(settings: Settings, lookup: Callable[[], Endpoint] | None) -> Endpoint | None:
+    """The endpoint for this Tabby start: None in local mode; in split mode the lookup's, or InferenceError."""
+    if settings.inference != "split":
+        return None
+    if lookup is None:
+        raise InferenceError("TABBY_MODAL_INFERENCE=split but no inference endpoint is known to this server")
+    return lookup()
+
+
+def split_options(settings: Settings) -> dict[str, Any]:
+    """The Tabby class's resources in split mode: no GPU, its CPU and memory from the settings."""
+    if settings.inference != "split":
+        return {}
+    return {"gpu": None, "cpu": settings.server_cpu, "memory": settings.server_memory}
