@@ -476,3 +476,43 @@ def split_options(settings: Settings) -> dict[str, Any]:
     if settings.inference != "split":
         return {}
     return {"gpu": None, "cpu": settings.server_cpu, "memory": settings.server_memory}
+
+
+# --- Modal wiring (apps/server.py) ----------------------------------------------------------------------------
+
+
+def slots(settings: Settings) -> int:
+    """Requests the container's llama-servers decode at once: `-np` per generation model, 1 for embeddings."""
+    servers = {model for role, model in settings.models().items() if role != "embedding"}
+    return settings.inference_parallelism * len(servers) + 1
+
+
+def concurrency(settings: Settings) -> dict[str, int]:
+    """`@modal.concurrent` for the inference class: Modal aims at one request per slot and starts another
+    replica beyond that; up to twice as many are let in (they wait in llama-server's queue, not at the ingress)."""
+    n = slots(settings)
+    return {"max_inputs": 2 * n, "target_inputs": n}
+
+
+def web_label(settings: Settings) -> str:
+    return f"{settings.server_app}-inference"
+
+
+def function_options(settings: Settings, *, secret: Any) -> dict[str, Any]:
+    """Keyword arguments for the inference class's `app.cls(...)`: on the GPU, scaled 0..N by Modal."""
+    options: dict[str, Any] = {
+        "gpu": settings.gpu_spec(),
+        "secrets": [secret],
+        "min_containers": settings.inference_min_containers,
+        "max_containers": settings.inference_max_containers,
+        "scaledown_window": settings.inference_scaledown_window,
+        "timeout": settings.request_timeout,
+        "startup_timeout": settings.startup_timeout,
+        "env": settings.container_env(),
+    }
+    if (
+        settings.inference_gpu_snapshot
+    ):  # Modal alpha: load the models once, restore GPU memory on later starts
+        options["enable_memory_snapshot"] = True
+        options["experimental_options"] = {"enable_gpu_snapshot": True}
+    return options
