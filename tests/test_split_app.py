@@ -50,3 +50,51 @@ def test_inference_options_follow_settings(no_modal_env):
     # Completion and chat on one model: one server, so fewer slots.
     same = settings.model_copy(update={"chat_model": settings.completion_model})
     assert inference.slots(same) == settings.inference_parallelism + 1
+
+
+class DeployedClasses:
+    """Records `modal.Cls.from_name(app, name)().update_autoscaler(...)` per class, as Modal keeps one override
+    per class; a class that was not deployed is Modal's NotFoundError."""
+
+    def __init__(self, *deployed: str) -> None:
+        self.deployed = set(deployed)
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, settings, name="Tabby"):
+        from modal.exception import NotFoundError
+
+        if name not in self.deployed:
+            raise NotFoundError(f"Lookup failed for Cls '{name}' from the '{settings.server_app}' app")
+        outer = self
+
+        class Instance:
+            def update_autoscaler(self, *, min_containers=None, **_):
+                outer.calls.append((name, min_containers))
+
+        return Instance()
+
+
+def test_warm_and_cold_cover_both_classes_in_split_mode(no_modal_env):
+    import pytest
+
+    from shared.operations import warm
+    from shared.state.atomic import StateError
+
+    split = load_settings(env_file=None, inference="split", inference_min_containers=0)
+    modal_side = DeployedClasses("Tabby", "Inference")
+    assert warm.set_min_containers(split, 1, instance=modal_side)["inference_min_containers"] == 1
+    warm.set_min_containers(split.model_copy(update={"inference_min_containers": 2}), 0, instance=modal_side)
+    assert modal_side.calls == [("Tabby", 1), ("Inference", 1), ("Tabby", 0), ("Inference", 2)]
+    local = DeployedClasses("Tabby")
+    assert "inference_min_containers" not in warm.set_min_containers(
+        load_settings(env_file=None), 1, instance=local
+    )
+    with pytest.raises(StateError, match="no Inference class: deploy it with TABBY_MODAL_INFERENCE=split"):
+        warm.set_min_containers(split, 1, instance=local)
+
+
+def test_apply_warm_hours_needs_credentials(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli(["apply-warm-hours"], tmp_path)
+    assert proc.returncode == 2 and "No Modal credentials" in proc.stderr

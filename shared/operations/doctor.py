@@ -104,10 +104,13 @@ def create_secret(settings: Settings) -> str:
             "TABBY_WEBSERVER_JWT_TOKEN_SECRET": str(uuid.uuid4()),
             # Unlocks the owner claim on a fresh instance (shared/serving/guard.py).
             "TABBY_MODAL_SETUP_TOKEN": str(uuid.uuid4()),
+            # Split mode: the key Tabby sends to the inference endpoint (shared/serving/inference.py).
+            "TABBY_MODAL_INFERENCE_KEY": str(uuid.uuid4()),
         },
         environment_name=env,
     )
     return (
-        f"secret {settings.secret_name} created with TABBY_WEBSERVER_JWT_TOKEN_SECRET and TABBY_MODAL_SETUP_TOKEN "
+        f"secret {settings.secret_name} created with TABBY_WEBSERVER_JWT_TOKEN_SECRET, TABBY_MODAL_SETUP_TOKEN and "
+        "TABBY_MODAL_INFERENCE_KEY "
         "(values not shown: read the setup token in Modal's dashboard, Secrets)"
     )
