@@ -153,6 +153,7 @@ class Box:
         self.containers: list[Container] = []
         self.servers: list[Any] = []
         self.web: tuple[Any, str] | None = None  # (task, method) the ingress sends requests to
+        self.webs: dict[str, tuple[Any, str]] = {}  # label -> (task, method), with plane.web_base set
         self.client_url = ""
         self.ingress_url = ""
 
@@ -361,10 +362,26 @@ class Box:
             return None
         return api_pb2.GenericResult.GenericStatus.Name(call.output.result().result.status)
 
-    def serve_web(self, container: Container, method: str) -> None:
-        """Send the ingress's requests to `method` (an asgi_app) of this container."""
-        self.web = (container.task, method)
-        self.loop.call_soon_threadsafe(self.ingress.target.set)
+    def serve_web(self, container: Container, method: str, label: str | None = None) -> None:
+        """Send the ingress's requests to `method` (an asgi_app) of this container; with `label`, only the
+        requests to that label's URL (`label_web_urls`)."""
+        if label is None:
+            self.web = (container.task, method)
+            self.loop.call_soon_threadsafe(self.ingress.target.set)
+            return
+        self.webs[label] = (container.task, method)
+
+        def ready() -> None:
+            self.ingress.labels.setdefault(label, asyncio.Event()).set()
+
+        self.loop.call_soon_threadsafe(ready)
+
+    def label_web_urls(self) -> str:
+        """From now on, deployed web endpoints get `<ingress>/_web/<label>` URLs the ingress routes by label."""
+        from tests.modal_box.ingress import LABELLED
+
+        self.plane.web_base = self.ingress_url + LABELLED
+        return self.plane.web_base
 
 
 def poll(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:

@@ -185,6 +185,12 @@ class ControlPlane:
         self.calls: dict[str, Call] = {}  # function call id -> call
         self.calls_by_input: dict[str, Call] = {}
         self.rpcs: list[str] = []  # every RPC name, in order (for tests that check a path was taken)
+        # Split mode's box (issue 20): when set, a web endpoint's URL is `<web_base><label>`, which the ingress
+        # routes to that label's container, so one container can call another's endpoint as Modal's URL would.
+        self.web_base: str | None = None
+
+    def web_url(self, name: str) -> str:
+        return f"{self.web_base}{name}" if self.web_base else _web_url(name)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-box{next(self.ids)}"
@@ -528,7 +534,7 @@ class Servicer(api_grpc.ModalClientBase):
             name: api_pb2.FunctionHandleMetadata(
                 function_name=m.function_name,
                 function_type=m.function_type,
-                web_url=_web_url(m.webhook_config.requested_suffix or name)
+                web_url=self.plane.web_url(m.webhook_config.requested_suffix or name)
                 if m.webhook_config.type
                 else None,
                 is_method=True,
@@ -562,10 +568,10 @@ class Servicer(api_grpc.ModalClientBase):
             req.function_data.ranked_functions[0].function if req.HasField("function_data") else req.function
         )
         if f.webhook_config.type:
-            f.web_url = _web_url(f.webhook_config.requested_suffix or f.function_name)
+            f.web_url = self.plane.web_url(f.webhook_config.requested_suffix or f.function_name)
         for name, m in f.method_definitions.items():
             if m.webhook_config.type:
-                m.web_url = _web_url(m.webhook_config.requested_suffix or name)
+                m.web_url = self.plane.web_url(m.webhook_config.requested_suffix or name)
         self.plane.functions[function_id] = f
         self.plane.function_app[function_id] = req.app_id
         meta = self.plane.function_metadata(function_id)
