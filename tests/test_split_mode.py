@@ -206,3 +206,19 @@ def test_cold_inference_and_a_wrong_key_leave_the_webserver_up(
             assert (text != "") == (key == KEY)
 
     asyncio.run(main())
+
+
+@pytest.mark.stress
+def test_bench_split_runs_and_meets_its_goals() -> None:
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "scripts" / "bench_split.py"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["front_ms"] - figures["direct_ms"] <= 2.0
+    assert figures["cancel"]["tokens_after_disconnect"] == 0
+    assert figures["two"] / figures["one"] >= 1.8
