@@ -196,3 +196,36 @@ def test_a_wrong_key_is_a_401_at_the_inference_container(env: Env) -> None:
     )
     assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
     assert env.inference is not None and "401 POST /completion" in env.inference.log()
+
+
+def tabby_modal(env: Env, *args: str) -> dict[str, Any]:
+    """`tabby-modal ARGS --json` on your machine, with Modal's real client talking to the box."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "from shared.cli import main; main()", *args, "--json"],
+        env=env.box.client_env(TABBY_MODAL_INFERENCE="split", TABBY_MODAL_INFERENCE_MAX_CONTAINERS="3"),
+        cwd=env.box.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_warm_cold_and_status_cover_both_classes(env: Env) -> None:
+    plane = env.box.plane
+    server = plane.app_objects[plane.apps["tabby-server"]]
+    tabby_id, inference_id = server["Tabby.*"], server["Inference.*"]
+    warm = tabby_modal(env, "warm")
+    assert warm["min_containers"] == 1 and warm["inference_min_containers"] == 1, warm
+    assert plane.autoscaler[tabby_id].min_containers == 1
+    assert plane.autoscaler[inference_id].min_containers == 1
+    tabby_modal(env, "cold")
+    assert plane.autoscaler[tabby_id].min_containers == 0
+    assert plane.autoscaler[inference_id].min_containers == 0
+    status = {i["name"]: i for i in tabby_modal(env, "status")["items"]}
+    assert status["inference"]["state"] == "ok", status
+    assert status["inference"]["detail"].startswith(plane.web_base + LABEL)

@@ -188,6 +188,8 @@ class ControlPlane:
         # Split mode's box (issue 20): when set, a web endpoint's URL is `<web_base><label>`, which the ingress
         # routes to that label's container, so one container can call another's endpoint as Modal's URL would.
         self.web_base: str | None = None
+        # function id -> the autoscaler override of `update_autoscaler` (a deploy of the function resets it)
+        self.autoscaler: dict[str, api_pb2.AutoscalerSettings] = {}
 
     def web_url(self, name: str) -> str:
         return f"{self.web_base}{name}" if self.web_base else _web_url(name)
@@ -574,6 +576,7 @@ class Servicer(api_grpc.ModalClientBase):
                 m.web_url = self.plane.web_url(m.webhook_config.requested_suffix or name)
         self.plane.functions[function_id] = f
         self.plane.function_app[function_id] = req.app_id
+        self.plane.autoscaler.pop(function_id, None)  # a deploy resets update_autoscaler's override
         meta = self.plane.function_metadata(function_id)
         self.plane.handle_metadata[function_id] = meta
         await stream.send_message(
@@ -616,6 +619,18 @@ class Servicer(api_grpc.ModalClientBase):
                 function=self.plane.function_data(function_id),
             )
         )
+
+    async def FunctionUpdateSchedulingParams(self, stream: Any) -> None:
+        """`update_autoscaler`: the fields it sets override the deployed ones until the next deploy."""
+        req = await self._recv(stream, "FunctionUpdateSchedulingParams")
+        if req.function_id not in self.plane.functions:
+            raise GRPCError(Status.NOT_FOUND, f"Function '{req.function_id}' not found")
+        current = api_pb2.AutoscalerSettings()
+        current.CopyFrom(self.plane.functions[req.function_id].autoscaler_settings)
+        override = self.plane.autoscaler.setdefault(req.function_id, api_pb2.AutoscalerSettings())
+        override.MergeFrom(req.settings)
+        current.MergeFrom(override)
+        await stream.send_message(api_pb2.FunctionUpdateSchedulingParamsResponse(current_settings=current))
 
     async def FunctionGetCurrentStats(self, stream: Any) -> None:
         req = await self._recv(stream, "FunctionGetCurrentStats")
