@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shared.operations import smoke
 from shared.serving.inference import Endpoint, Inference
 from shared.serving.runtime import TabbyServer
 from shared.settings import load_settings
@@ -204,6 +205,12 @@ def test_cold_inference_and_a_wrong_key_leave_the_webserver_up(
             async with http.post(f"{url}/v1/completions", json=body) as r:
                 text = (await r.json())["choices"][0]["text"]
             assert (text != "") == (key == KEY)
+            # The smoke checks see it: with a wrong key the completion and the chat fail, the rest passes.
+            checks = {c.name: c for c in await smoke.run_checks(url, TOKEN)}
+            failed = {name for name, c in checks.items() if not c.ok}
+            assert failed == (set() if key == KEY else {"completion", "chat stream"}), checks
+            if key != KEY:
+                assert "empty completion" in checks["completion"].detail
 
     asyncio.run(main())
 
