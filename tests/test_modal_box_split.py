@@ -229,3 +229,27 @@ def test_warm_cold_and_status_cover_both_classes(env: Env) -> None:
     status = {i["name"]: i for i in tabby_modal(env, "status")["items"]}
     assert status["inference"]["state"] == "ok", status
     assert status["inference"]["detail"].startswith(plane.web_base + LABEL)
+
+
+def test_doctor_finds_the_inference_class_or_says_it_is_missing(env: Env) -> None:
+    import subprocess
+    import sys
+
+    code = "import json; from shared.operations.doctor import inference_check; from shared.settings import "
+    code += "load_settings; print(json.dumps(inference_check(load_settings(env_file=None))))"
+
+    def check(**extra: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env.box.client_env(TABBY_MODAL_INFERENCE="split", **extra),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    found = check()
+    assert found["ok"] and found["detail"].endswith(env.box.plane.web_base + LABEL)
+    missing = check(TABBY_MODAL_SERVER_APP="no-such-app")
+    assert not missing["ok"] and "has no Inference class" in missing["detail"], missing
