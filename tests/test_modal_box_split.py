@@ -47,6 +47,7 @@ class Env:
     inference: Container | None = None
     cookie: str = ""
     first: dict[str, Any]
+    tabby_env_cache: str = ""
 
     def url(self, path: str) -> str:
         return self.box.ingress_url + path
@@ -81,6 +82,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
         e.box, e.first = box, {}
         e.bindir = llama_wrapper(root / "bin").parent  # tabby and llama-server, as in /opt/tabby/bin
         cache = bake_models(root / "models")
+        e.tabby_env_cache = str(cache)
         box.label_web_urls()
         box.plane.secret(
             "tabby-secrets",
@@ -253,3 +255,51 @@ def test_doctor_finds_the_inference_class_or_says_it_is_missing(env: Env) -> Non
     assert found["ok"] and found["detail"].endswith(env.box.plane.web_base + LABEL)
     missing = check(TABBY_MODAL_SERVER_APP="no-such-app")
     assert not missing["ok"] and "has no Inference class" in missing["detail"], missing
+
+
+def test_gpu_snapshot_phases_run_in_order(env: Env) -> None:
+    """TABBY_MODAL_INFERENCE_GPU_SNAPSHOT=true: Modal's entrypoint runs `@modal.enter(snap=True)` (start the
+    llama-servers and wait until every model is loaded), then asks for the snapshot, then is restored and serves.
+    The box has no GPU: the GPU memory part (gVisor's) is not run; its effect is unmeasured until it runs on one."""
+    env.box.deploy_all(
+        [["apps.server", "--strategy", "recreate"]],
+        env={
+            "TABBY_MODAL_INTERNAL_PORT": str(PORT),
+            "TABBY_MODAL_PERSIST_INTERVAL": "3600",
+            "TABBY_MODAL_INFERENCE": "split",
+            "TABBY_MODAL_MODEL_CACHE": env.tabby_env_cache,
+            "TABBY_MODAL_INFERENCE_GPU_SNAPSHOT": "true",
+        },
+    )
+    plane = env.box.plane
+    fdef = plane.functions[plane.app_objects[plane.apps["tabby-server"]]["Inference.*"]]
+    assert fdef.checkpointing_enabled and fdef._experimental_enable_gpu_snapshot
+    if env.inference is not None:
+        env.inference.stop()
+    # Each model takes a second to load: a snapshot asked for before the models are loaded would show here.
+    c = env.box.start_container(
+        "tabby-server",
+        "Inference",
+        path=[env.bindir],
+        STANDIN_LLAMA_START_SECONDS="0",
+        STANDIN_LLAMA_LOAD_SECONDS="1",
+    )
+    env.box.serve_web(c, "web", label=LABEL)
+    poll(lambda: c.events("ContainerCheckpoint"), 60, what="the snapshot request")
+    at_checkpoint = c.log()
+    assert len(re.findall(r"inference: [\w+]+ ready on 127\.0\.0\.1:\d+ \(", at_checkpoint)) == 3, (
+        at_checkpoint[-3000:]
+    )
+    status, _, raw = fetch("GET", plane.web_base + LABEL + "/health")
+    assert status == 200, raw  # restored with every model loaded: nothing loads after the restore
+    checkpoint_at = c.events("ContainerCheckpoint")[0][2]
+    inputs = [e for e in c.events() if e[0] == "FunctionGetInputs"]
+    assert inputs and all(e[2] > checkpoint_at for e in inputs)
+    status, _, raw = fetch(
+        "POST",
+        plane.web_base + LABEL + "/completion",
+        json={"prompt": "x", "n_predict": 3},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert status == 200 and json.loads(raw)["content"] == expected_text("x", 3)
+    c.stop()

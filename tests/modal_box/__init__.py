@@ -271,6 +271,22 @@ class Box:
         disk = where / "local-disk"
         disk.mkdir()
         binds.append((disk, LOCAL_DISK))
+        snapshot_env: dict[str, str] = {}
+        if fdef.checkpointing_enabled:
+            # A memory-snapshot function (split mode's GPU snapshot, issue 20): each box container is one that
+            # creates the snapshot (on Modal, later ones are restored from it and skip the snap=True phase): the
+            # worker's flags, and the file it writes on restore (ContainerCheckpoint in control_plane). The box has
+            # no GPU and no gVisor (/proc/gvisor/checkpoint, where the GPU memory part happens): it runs the phases
+            # without a GPU.
+            snapshot_env = {
+                "MODAL_ENABLE_SNAP_RESTORE": "1",
+                "MODAL_RESTORE_STATE_PATH": str(where / "restore-state.json"),
+            }
+            task.restore_state = where / "restore-state.json"
+            fdef = api_pb2.Function()
+            fdef.CopyFrom(plane.functions[function_id])
+            fdef.resources.ClearField("gpu_config")
+            fdef.is_checkpointing_function = True
         args = api_pb2.ContainerArguments(
             task_id=task_id,
             function_id=function_id,
@@ -298,6 +314,7 @@ class Box:
             PYTHONPATH=str(REPO),  # stands for the image's add_local_python_source("shared", "apps")
             PATH=os.pathsep.join([*(str(p) for p in path or []), cenv.get("PATH", "")]),
         )
+        cenv.update(snapshot_env)
         cenv.update(env)
         for _, target in binds:
             Path(target).mkdir(parents=True, exist_ok=True)  # mount points (empty) on the host

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -155,6 +156,9 @@ class Task:
     events: list[tuple[str, str, float]] = field(default_factory=list)  # (rpc, detail, monotonic time)
     port: int = 0
     running: bool = True
+    restore_state: Path | None = (
+        None  # a memory-snapshot container: where the worker writes its restore state
+    )
 
     def event(self, rpc: str, detail: str = "") -> None:
         self.events.append((rpc, detail, time.monotonic()))
@@ -569,6 +573,8 @@ class Servicer(api_grpc.ModalClientBase):
         f.CopyFrom(
             req.function_data.ranked_functions[0].function if req.HasField("function_data") else req.function
         )
+        if f.experimental_options.get("enable_gpu_snapshot", "").lower() == "true":
+            f._experimental_enable_gpu_snapshot = True  # as Modal's server reads experimental_options
         if f.webhook_config.type:
             f.web_url = self.plane.web_url(f.webhook_config.requested_suffix or f.function_name)
         for name, m in f.method_definitions.items():
@@ -619,6 +625,16 @@ class Servicer(api_grpc.ModalClientBase):
                 function=self.plane.function_data(function_id),
             )
         )
+
+    async def ContainerCheckpoint(self, stream: Any) -> None:
+        """A memory-snapshot container is ready to be snapshotted: the box snapshots nothing, records the moment
+        and restores it at once, as the worker does, by writing the restore state file the container waits for."""
+        req = await self._recv(stream, "ContainerCheckpoint")
+        task = self._task()
+        task.event("ContainerCheckpoint", req.checkpoint_id)
+        if task.restore_state is not None:
+            task.restore_state.write_text(json.dumps({"task_id": task.task_id}))
+        await stream.send_message(Empty())
 
     async def FunctionUpdateSchedulingParams(self, stream: Any) -> None:
         """`update_autoscaler`: the fields it sets override the deployed ones until the next deploy."""
