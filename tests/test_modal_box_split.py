@@ -200,60 +200,57 @@ def test_a_wrong_key_is_a_401_at_the_inference_container(env: Env) -> None:
     assert env.inference is not None and "401 POST /completion" in env.inference.log()
 
 
-def tabby_modal(env: Env, *args: str) -> dict[str, Any]:
-    """`tabby-modal ARGS --json` on your machine, with Modal's real client talking to the box."""
+# What `tabby-modal warm`, `cold`, `status` and `doctor` do on your machine, with Modal's real client talking to the
+# box: one process for all of them (each process pays for importing modal).
+OPERATIONS = """
+import json
+from shared.operations import doctor, status, warm
+from shared.settings import load_settings
+
+s = load_settings(env_file=None)
+out = {"warm": warm.set_min_containers(s, 1)}
+out["after_warm"] = json.loads(input())
+out["cold"] = warm.set_min_containers(s, 0)
+out["status"] = status.server_info(s)
+out["doctor"] = doctor.inference_check(s)
+out["doctor_missing"] = doctor.inference_check(s.model_copy(update={"server_app": "no-such-app"}))
+print(json.dumps(out))
+"""
+
+
+def test_warm_cold_status_and_doctor_cover_both_classes(env: Env) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-c", "from shared.cli import main; main()", *args, "--json"],
-        env=env.box.client_env(TABBY_MODAL_INFERENCE="split", TABBY_MODAL_INFERENCE_MAX_CONTAINERS="3"),
-        cwd=env.box.root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.stdout, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def test_warm_cold_and_status_cover_both_classes(env: Env) -> None:
     plane = env.box.plane
     server = plane.app_objects[plane.apps["tabby-server"]]
     tabby_id, inference_id = server["Tabby.*"], server["Inference.*"]
-    warm = tabby_modal(env, "warm")
-    assert warm["min_containers"] == 1 and warm["inference_min_containers"] == 1, warm
-    assert plane.autoscaler[tabby_id].min_containers == 1
-    assert plane.autoscaler[inference_id].min_containers == 1
-    tabby_modal(env, "cold")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OPERATIONS],
+        env=env.box.client_env(TABBY_MODAL_INFERENCE="split", TABBY_MODAL_INFERENCE_MAX_CONTAINERS="3"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    # After `warm`, before `cold`: both classes' overrides as Modal's server keeps them.
+    poll(lambda: inference_id in plane.autoscaler, 60, what="warm to reach the Inference class")
+    warm_seen = {
+        "tabby": plane.autoscaler[tabby_id].min_containers,
+        "inference": plane.autoscaler[inference_id].min_containers,
+    }
+    out, err = proc.communicate(json.dumps(warm_seen) + "\n", timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["warm"]["min_containers"] == 1 and result["warm"]["inference_min_containers"] == 1
+    assert result["after_warm"] == {"tabby": 1, "inference": 1}
     assert plane.autoscaler[tabby_id].min_containers == 0
     assert plane.autoscaler[inference_id].min_containers == 0
-    status = {i["name"]: i for i in tabby_modal(env, "status")["items"]}
-    assert status["inference"]["state"] == "ok", status
-    assert status["inference"]["detail"].startswith(plane.web_base + LABEL)
-
-
-def test_doctor_finds_the_inference_class_or_says_it_is_missing(env: Env) -> None:
-    import subprocess
-    import sys
-
-    code = "import json; from shared.operations.doctor import inference_check; from shared.settings import "
-    code += "load_settings; print(json.dumps(inference_check(load_settings(env_file=None))))"
-
-    def check(**extra: str) -> dict[str, Any]:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            env=env.box.client_env(TABBY_MODAL_INFERENCE="split", **extra),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    found = check()
-    assert found["ok"] and found["detail"].endswith(env.box.plane.web_base + LABEL)
-    missing = check(TABBY_MODAL_SERVER_APP="no-such-app")
+    inference = result["status"]["inference"]
+    assert inference["url"] == plane.web_base + LABEL and "containers" in inference
+    assert result["doctor"]["ok"] and result["doctor"]["detail"].endswith(plane.web_base + LABEL)
+    missing = result["doctor_missing"]
     assert not missing["ok"] and "has no Inference class" in missing["detail"], missing
 
 

@@ -91,10 +91,3 @@ def test_warm_and_cold_cover_both_classes_in_split_mode(no_modal_env):
     )
     with pytest.raises(StateError, match="no Inference class: deploy it with TABBY_MODAL_INFERENCE=split"):
         warm.set_min_containers(split, 1, instance=local)
-
-
-def test_apply_warm_hours_needs_credentials(tmp_path):
-    from tests.conftest import run_cli
-
-    proc = run_cli(["apply-warm-hours"], tmp_path)
-    assert proc.returncode == 2 and "No Modal credentials" in proc.stderr
