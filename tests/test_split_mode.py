@@ -233,3 +233,12 @@ def test_bench_split_runs_and_meets_its_goals() -> None:
     assert figures["cancel"]["tokens_after_disconnect"] == 0
     assert figures["front_ms"] - figures["direct_ms"] <= 10.0
     assert figures["two"] / figures["one"] >= 1.5
+
+
+def test_serve_local_in_split_mode_exits_1_with_one_line(tmp_path: Path) -> None:
+    from tests.test_serve_local import start_serve
+
+    proc = start_serve(tmp_path, tmp_path / "state", free_port(), TABBY_MODAL_INFERENCE="split")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "error: TABBY_MODAL_INFERENCE=split but no inference endpoint is known to this server" in err

@@ -467,7 +467,10 @@ def split_endpoint(settings: Settings, lookup: Callable[[], Endpoint] | None) ->
     if settings.inference != "split":
         return None
     if lookup is None:
-        raise InferenceError("TABBY_MODAL_INFERENCE=split but no inference endpoint is known to this server")
+        raise InferenceError(
+            "TABBY_MODAL_INFERENCE=split but no inference endpoint is known to this server (split mode runs on "
+            "Modal; serve locally with TABBY_MODAL_INFERENCE=local)"
+        )
     return lookup()
 
 
