@@ -93,22 +93,20 @@ def online_checks(settings: Settings) -> list[dict[str, Any]]:
 
 def inference_check(settings: Settings) -> dict[str, Any]:
     """Split mode (issue 20): the server app must carry the Inference class, or Tabby has no models."""
+    import modal
     from modal.exception import NotFoundError
 
-    from shared.serving.inference import INFERENCE_CLASS, InferenceError, endpoint_from_modal
-
+    env = settings.modal_environment
     try:
-        url = endpoint_from_modal(settings).url
-    except (InferenceError, NotFoundError) as err:
-        if "not found" in str(err).lower() or "lookup" in str(err).lower():
-            detail = (
-                f"{settings.server_app} has no {INFERENCE_CLASS} class: deploy with TABBY_MODAL_INFERENCE=split "
-                "(`make deploy-server`)"
-            )
-        else:
-            detail = str(err)
-        return _check("inference", False, detail)
-    return _check("inference", True, f"{settings.server_app}.{INFERENCE_CLASS} deployed at {url}")
+        url = modal.Cls.from_name(settings.server_app, "Inference", environment_name=env)().web.get_web_url()
+    except NotFoundError:
+        return _check(
+            "inference",
+            False,
+            f"{settings.server_app} has no Inference class: deploy with TABBY_MODAL_INFERENCE=split "
+            "(`make deploy-server`)",
+        )
+    return _check("inference", True, f"{settings.server_app}.Inference deployed at {url}")
 
 
 def create_secret(settings: Settings) -> str:
