@@ -254,6 +254,44 @@ def test_warm_cold_status_and_doctor_cover_both_classes(env: Env) -> None:
     assert not missing["ok"] and "has no Inference class" in missing["detail"], missing
 
 
+DEPLOY = """
+from shared.operations.upgrade import ModalTarget
+from shared.settings import load_settings
+
+s = load_settings(env_file=None)
+ModalTarget(s, server_info=dict, containers=lambda: 0, probe=lambda url: 200).deploy(s.tabby_image)
+"""
+
+
+def test_a_toolkit_deploy_puts_the_warm_hours_back_at_once(env: Env) -> None:
+    """A deploy resets update_autoscaler's override (the box does as Modal does); the upgrade's deploy (the same
+    step `make deploy-server` runs) sets both classes to what the warm hours say right after it."""
+    import subprocess
+    import sys
+
+    plane = env.box.plane
+    server = plane.app_objects[plane.apps["tabby-server"]]
+    settings_env = {
+        "TABBY_MODAL_INTERNAL_PORT": str(PORT),
+        "TABBY_MODAL_PERSIST_INTERVAL": "3600",
+        "TABBY_MODAL_INFERENCE": "split",
+        "TABBY_MODAL_MODEL_CACHE": env.tabby_env_cache,
+        "TABBY_MODAL_INFERENCE_MAX_CONTAINERS": "3",
+        "TABBY_MODAL_WARM_HOURS": "Mon-Sun 00:00-24:00 UTC",  # always inside the hours
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", DEPLOY],
+        env=env.box.client_env(**settings_env),
+        cwd=env.box.root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert plane.autoscaler[server["Tabby.*"]].min_containers == 1
+    assert plane.autoscaler[server["Inference.*"]].min_containers == 1
+
+
 def test_gpu_snapshot_phases_run_in_order(env: Env) -> None:
     """TABBY_MODAL_INFERENCE_GPU_SNAPSHOT=true: Modal's entrypoint runs `@modal.enter(snap=True)` (start the
     llama-servers and wait until every model is loaded), then asks for the snapshot, then is restored and serves.
