@@ -60,6 +60,7 @@ deploy-warmer: need-modal
 
 deploy-server: need-modal ## Deploy the GPU server (recreate: never two writers on /data)
 	$(MODAL) deploy $(ENVF) -m apps.server --strategy recreate
+	@$(TM) apply-warm-hours  # a deploy resets min_containers: put the warm hours back now, not in 5 minutes
 
 deploy-maintenance: need-modal ## Deploy the maintenance app (backups, restore, scheduled snapshots)
 	$(MODAL) deploy $(ENVF) -m apps.maintenance
@@ -69,10 +70,11 @@ deploy: deploy-warmer deploy-maintenance deploy-server ## Deploy all three apps
 stop-server: need-modal ## Stop the server app's containers (before restore/reset)
 	$(MODAL) app stop $(ENVF) $(shell $(TM) config --get server_app)
 
-rotate-jwt-secret: need-modal ## New JWT secret + setup token in tabby-secrets, then stop and redeploy the server
+rotate-jwt-secret: need-modal ## New JWT secret, setup token and inference key in tabby-secrets, then stop and redeploy the server
 	@uuid() { $(PY) -c 'import uuid; print(uuid.uuid4())'; }; \
 	$(MODAL) secret create $(ENVF) --force "$$($(TM) config --get secret_name)" \
-		TABBY_WEBSERVER_JWT_TOKEN_SECRET="$$(uuid)" TABBY_MODAL_SETUP_TOKEN="$$(uuid)" >/dev/null
+		TABBY_WEBSERVER_JWT_TOKEN_SECRET="$$(uuid)" TABBY_MODAL_SETUP_TOKEN="$$(uuid)" \
+		TABBY_MODAL_INFERENCE_KEY="$$(uuid)" >/dev/null
 	@echo "rotated: browser sessions end now; IDE auth tokens keep working"
 	@$(MAKE) --no-print-directory stop-server
 	@$(MAKE) --no-print-directory deploy-server

@@ -13,7 +13,7 @@ import modal
 
 from shared.image import build_image
 from shared.logs import setup_logging
-from shared.serving import runtime
+from shared.serving import inference, runtime
 from shared.settings import load_settings
 
 # Resolved here, on your machine; the container gets the same values through `env=settings.container_env()`.
@@ -49,3 +49,29 @@ class Tabby:
     @modal.asgi_app(label=settings.server_app)
     def web(self):
         return self.runtime.app()
+
+
+# --- Split mode (TABBY_MODAL_INFERENCE=split, docs/split-mode.md): the models on GPU containers Modal scales ----------
+# The Tabby class above then runs without a GPU and finds this class's web URL through Modal's client at each start.
+if settings.inference == "split":
+
+    @app.cls(image=image, **inference.function_options(settings, secret=secret))
+    @modal.concurrent(**inference.concurrency(settings))  # one request per llama-server slot, then scale out
+    class Inference:
+        @modal.enter(snap=settings.inference_gpu_snapshot)
+        def load(self) -> None:
+            # Starts the llama-servers and returns: requests wait in the front (bounded) while models load. With
+            # the GPU snapshot on, this runs before the snapshot and waits, so the snapshot holds loaded models.
+            setup_logging()
+            self.inference = inference.for_modal(load_settings())
+            self.inference.start()
+            if settings.inference_gpu_snapshot:
+                self.inference.wait_ready(settings.startup_timeout)
+
+        @modal.exit()
+        def stop(self) -> None:
+            self.inference.stop()
+
+        @modal.asgi_app(label=inference.web_label(settings))
+        def web(self):
+            return self.inference.app()

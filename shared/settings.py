@@ -125,6 +125,51 @@ class Settings(BaseSettings):
         "empty = off.",
     )
 
+    # --- Split mode (issue 20; docs/split-mode.md) ------------------------------------------------------------
+    inference: Literal["local", "split"] = Field(
+        "local",
+        description="`local`: Tabby and its models on one GPU container; `split`: Tabby's webserver on a CPU "
+        "container, its models on GPU containers Modal scales 0..N.",
+    )
+    inference_max_containers: int = Field(
+        4, ge=1, le=100, description="Split mode: most GPU inference containers Modal may run at once."
+    )
+    inference_min_containers: int = Field(
+        0, ge=0, le=100, description="Split mode: GPU inference containers kept up even when idle."
+    )
+    inference_scaledown_window: int = Field(
+        300, description="Split mode: idle seconds before an inference container stops (2..3600)."
+    )
+    inference_parallelism: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Split mode: llama-server slots (`-np`) per model per inference container.",
+    )
+    inference_wait: float = Field(
+        120.0,
+        gt=0,
+        le=140,
+        description="Split mode: seconds a model request waits for a cold inference container, then a clear "
+        "503 (Modal's web endpoints answer within 150 s).",
+    )
+    inference_rate_limit: int = Field(
+        6000,
+        ge=60,
+        le=1000000,
+        description="Split mode: Tabby's `rate_limit.request_per_minute` per model kind (Tabby's own default "
+        "for its local models).",
+    )
+    inference_gpu_snapshot: bool = Field(
+        False, description="Split mode: GPU memory snapshot of the inference class (Modal alpha; unmeasured)."
+    )
+    server_cpu: float = Field(
+        2.0, gt=0, le=64, description="Split mode: CPU cores of the Tabby (webserver) container."
+    )
+    server_memory: int = Field(
+        4096, ge=512, le=262144, description="Split mode: memory (MiB) of the Tabby (webserver) container."
+    )
+
     # --- Modal names ----------------------------------------------------------------------------------------
     warmer_app: str = Field("tabby-warmer", description="Modal app that builds and checks the model image.")
     server_app: str = Field("tabby-server", description="Modal app that serves Tabby on a GPU.")
@@ -188,6 +233,9 @@ class Settings(BaseSettings):
         None, description="TABBY_WEBSERVER_JWT_TOKEN_SECRET for local serve (UUID)."
     )
     setup_token: SecretStr | None = Field(None, description="Token that unlocks the owner claim (UUID).")
+    inference_key: SecretStr | None = Field(
+        None, description="Split mode: key Tabby sends to the inference endpoint (from the Modal secret)."
+    )
 
     # ------------------------------------------------------------------------------------------------------------
     @field_validator("tabby_image")
@@ -230,7 +278,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown GPU {part!r} (allowed: {', '.join(GPU_TYPES)}, optional :N count)")
         return ",".join(parts)
 
-    @field_validator("scaledown_window")
+    @field_validator("scaledown_window", "inference_scaledown_window")
     @classmethod
     def _scaledown(cls, v: int) -> int:
         if not 2 <= v <= 3600:
@@ -330,7 +378,7 @@ class Settings(BaseSettings):
         Secrets are left out on purpose: on Modal they come from the Modal secret, never from a laptop's env.
         """
         env: dict[str, str] = {}
-        for name, value in self.model_dump(exclude={"jwt_secret", "setup_token"}).items():
+        for name, value in self.model_dump(exclude={"jwt_secret", "setup_token", "inference_key"}).items():
             if value is None:
                 continue
             env[ENV_PREFIX + name.upper()] = str(value)

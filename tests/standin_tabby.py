@@ -55,6 +55,9 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling module
+import standin_tabby_models  # split mode, issue 20: [model.*.http] clients
+
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 VERSION = os.environ.get("STANDIN_VERSION", "0.32.0")
 # --- Tabby 0.32's database ------------------------------------------------------------------------------------
@@ -352,6 +355,8 @@ class Standin:
         self.token = os.environ.get("STANDIN_TOKEN", "standin-token")
         self.sse_events = int(os.environ.get("STANDIN_SSE_EVENTS", "5"))
         self.sse_interval = float(os.environ.get("STANDIN_SSE_INTERVAL_MS", "10")) / 1000
+        # [model.*.http] (and, with STANDIN_LOCAL_LLAMA=1, its own llama-servers) as Tabby talks to them.
+        self.models = standin_tabby_models.ModelClients(getattr(args, "model_configs", {}), STATS)
 
     # --- helpers -------------------------------------------------------------------------------------------
     def authorized(self, request: web.Request) -> bool:
@@ -404,6 +409,12 @@ class Standin:
         body = await request.json()
         if os.environ.get("STANDIN_SMOKE_FAIL") == "completion":
             return web.json_response({"error": "stand-in: completion broken"}, status=500)
+        if self.models.has("completion"):
+            text = await self.models.complete(
+                body.get("segments") or {}, body.get("stop_words") or [], int(body.get("max_tokens", 64))
+            )
+            self.event("completion", request)
+            return web.json_response({"id": f"cmpl-{uuid.uuid4()}", "choices": [{"index": 0, "text": text}]})
         self.event("completion", request)
         prompt = (body.get("segments") or {}).get("prefix", "")
         return web.json_response(
@@ -415,6 +426,8 @@ class Standin:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json() if request.can_read_body else {}
+        if self.models.has("chat") and "messages" in body:
+            return await self.models.chat(request, body)
         events = int(body.get("events", self.sse_events))
         interval = float(body.get("interval_ms", self.sse_interval * 1000)) / 1000
         crash_after = body.get("crash_after")
@@ -502,6 +515,13 @@ class Standin:
                 "embedding_enabled": os.environ.get("TABBY_EMBEDDING_ENABLED"),
             }
         )
+
+    async def embed(self, request: web.Request) -> web.Response:
+        """What Tabby's indexer does with each chunk: the embedding model's vector (split mode tests)."""
+        if not self.models.has("embedding"):
+            return web.json_response({"error": "no embedding model over HTTP"}, status=404)
+        body = await request.json()
+        return web.json_response({"embedding": await self.models.embed(str(body.get("content", "")))})
 
     async def echo(self, request: web.Request) -> web.Response:
         h = hashlib.sha256()
@@ -621,6 +641,7 @@ class Standin:
         r.add_get("/hub", self.websocket)
         r.add_get("/debug/stats", self.stats)
         r.add_get("/debug/config", self.config_view)
+        r.add_post("/debug/embed", self.embed)
         r.add_route("*", "/debug/echo{tail:.*}", self.echo)
         r.add_get("/debug/cookies", self.cookies)
         r.add_get("/debug/download", self.download)
@@ -697,6 +718,15 @@ def main() -> None:
         os.environ.get("STANDIN_HANG") == "1",
         int(crash) if crash else None,
     )
+    args.model_configs = standin_tabby_models.http_configs(config)
+    children: list[subprocess.Popen[bytes]] = []
+    if standin_tabby_models.local_llama_enabled():  # local models: llama-server children, the same clients
+        embedding = ((config.get("model") or {}).get("embedding") or {}).get("local", {}).get("model_id")
+        local = {"completion": args.model, "chat": args.chat_model, "embedding": embedding}
+        local = {r: m for r, m in local.items() if r not in args.model_configs}
+        args.model_configs.update(
+            standin_tabby_models.start_local_children(local, args.parallelism, children)
+        )
     db = open_db(root)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args, Standin(args, root, db, config)))

@@ -52,7 +52,7 @@ def config_cmd(as_json: bool, field: str | None) -> None:
     """Print the resolved settings and where each came from (default, env, .env); secrets redacted."""
     settings = get_settings()
     if field is not None:
-        if field not in Settings.model_fields or field in ("jwt_secret", "setup_token"):
+        if field not in Settings.model_fields or field in ("jwt_secret", "setup_token", "inference_key"):
             raise CommandError(f"unknown setting {field!r}")
         value = getattr(settings, field)
         click.echo("" if value is None else value)

@@ -25,11 +25,17 @@ def _set(n: int, as_json: bool) -> None:
         )
 
     def human(r: dict[str, Any]) -> str:
+        gpus = (
+            f"; inference keeps {r['inference_min_containers']} GPU container(s) up"
+            if "inference_min_containers" in r
+            else ""
+        )
         if n:
             return (
                 f"warm: {r['server_app']} keeps {r['min_containers']} container up (until `tabby-modal cold`)"
+                + gpus
             )
-        return f"cold: {r['server_app']} scales to zero when idle"
+        return f"cold: {r['server_app']} scales to zero when idle" + gpus
 
     emit({**result, "warm_hours": hours}, as_json, human)
 
@@ -48,3 +54,20 @@ def warm_cmd(as_json: bool) -> None:
 def cold_cmd(as_json: bool) -> None:
     """Let the server scale to zero when idle (min_containers=0)."""
     _set(0, as_json)
+
+
+@cli.command("apply-warm-hours")
+@json_option
+@handled
+def apply_warm_hours_cmd(as_json: bool) -> None:
+    """Set min_containers to what the warm hours say now (every toolkit deploy runs it: a deploy resets it)."""
+    require_modal_credentials()
+    settings = get_settings()
+    result = run_op(lambda: warm.apply_schedule(settings))
+
+    def human(r: dict[str, Any]) -> str:
+        if not r["applied"]:
+            return "warm hours are off: min_containers left as deployed"
+        return f"warm hours {'on' if r['warm'] else 'off'} ({r['schedule']}): min_containers={r['min_containers']}"
+
+    emit(result, as_json, human)

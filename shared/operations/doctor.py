@@ -86,7 +86,27 @@ def online_checks(settings: Settings) -> list[dict[str, Any]]:
             checks.append(_check(field, True, detail))
         except NotFoundError:
             checks.append(_check(field, True, f"{app_name} not deployed"))
+    if settings.inference == "split":
+        checks.append(inference_check(settings))
     return checks
+
+
+def inference_check(settings: Settings) -> dict[str, Any]:
+    """Split mode (issue 20): the server app must carry the Inference class, or Tabby has no models."""
+    import modal
+    from modal.exception import NotFoundError
+
+    env = settings.modal_environment
+    try:
+        url = modal.Cls.from_name(settings.server_app, "Inference", environment_name=env)().web.get_web_url()
+    except NotFoundError:
+        return _check(
+            "inference",
+            False,
+            f"{settings.server_app} has no Inference class: deploy with TABBY_MODAL_INFERENCE=split "
+            "(`make deploy-server`)",
+        )
+    return _check("inference", True, f"{settings.server_app}.Inference deployed at {url}")
 
 
 def create_secret(settings: Settings) -> str:
@@ -104,10 +124,13 @@ def create_secret(settings: Settings) -> str:
             "TABBY_WEBSERVER_JWT_TOKEN_SECRET": str(uuid.uuid4()),
             # Unlocks the owner claim on a fresh instance (shared/serving/guard.py).
             "TABBY_MODAL_SETUP_TOKEN": str(uuid.uuid4()),
+            # Split mode: the key Tabby sends to the inference endpoint (shared/serving/inference.py).
+            "TABBY_MODAL_INFERENCE_KEY": str(uuid.uuid4()),
         },
         environment_name=env,
     )
     return (
-        f"secret {settings.secret_name} created with TABBY_WEBSERVER_JWT_TOKEN_SECRET and TABBY_MODAL_SETUP_TOKEN "
+        f"secret {settings.secret_name} created with TABBY_WEBSERVER_JWT_TOKEN_SECRET, TABBY_MODAL_SETUP_TOKEN and "
+        "TABBY_MODAL_INFERENCE_KEY "
         "(values not shown: read the setup token in Modal's dashboard, Secrets)"
     )

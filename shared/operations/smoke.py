@@ -42,6 +42,12 @@ async def completion(c: aiohttp.ClientSession, url: str, auth: dict[str, str]) -
         choices = json.loads(body).get("choices") or []
         if not choices:
             raise RuntimeError("no choices in the answer")
+        if not choices[0].get("text"):
+            # Tabby turns any model error (a llama-server down; in split mode a wrong key or a cold inference
+            # container past TABBY_MODAL_INFERENCE_WAIT) into an empty completion: that is a failure here.
+            raise RuntimeError(
+                "empty completion: the model failed behind Tabby (split mode: see the Inference log)"
+            )
         return f"{len(choices[0].get('text', ''))} chars"
 
 

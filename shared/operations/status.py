@@ -342,6 +342,8 @@ def remote_status(
             f"{n} container(s) running" if n else "deployed, scaled to zero (starts on the first request)"
         )
         items.append(item("server", OK, f"{url}: {running}"))
+        if "inference" in info:
+            items.append(inference_item(settings, info["inference"]))
     warm, hours = warm_item(settings, now, (info or {}).get("containers"))
     items.append(warm)
     report = None
@@ -365,8 +367,48 @@ def server_info(settings: Settings) -> dict[str, Any]:
     cls = modal.Cls.from_name(settings.server_app, "Tabby", environment_name=settings.modal_environment)
     web = cls().web
     stats = web.get_current_stats()
-    return {
+    info: dict[str, Any] = {
         "containers": int(stats.num_total_runners),
         "backlog": int(stats.backlog),
         "url": web.get_web_url(),
     }
+    if settings.inference == "split":  # split mode (issue 20): the GPU side too
+        info["inference"] = inference_info(settings)
+    return info
+
+
+def inference_info(settings: Settings) -> dict[str, Any]:
+    """{containers, backlog, url} of split mode's Inference class, or {error} when Modal cannot say."""
+    import modal
+
+    try:
+        cls = modal.Cls.from_name(
+            settings.server_app, "Inference", environment_name=settings.modal_environment
+        )
+        web = cls().web
+        stats = web.get_current_stats()
+        return {
+            "containers": int(stats.num_total_runners),
+            "backlog": int(stats.backlog),
+            "url": web.get_web_url(),
+        }
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def inference_item(settings: Settings, info: dict[str, Any]) -> dict[str, Any]:
+    """Split mode's status line for the GPU side."""
+    if "error" in info:
+        if "NotFound" in info["error"]:
+            return item(
+                "inference",
+                PROBLEM,
+                f"{settings.server_app} has no Inference class (TABBY_MODAL_INFERENCE=split)",
+                "make deploy-server",
+            )
+        return item("inference", UNKNOWN, f"could not ask Modal: {info['error']}")
+    n = info.get("containers")
+    limit = settings.inference_max_containers
+    running = f"{n} GPU container(s) of at most {limit} running" if n else "scaled to zero (starts on demand)"
+    backlog = f", {info['backlog']} request(s) waiting" if info.get("backlog") else ""
+    return item("inference", OK, f"{info.get('url')}: {running}{backlog}")

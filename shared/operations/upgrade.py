@@ -167,6 +167,13 @@ class ModalTarget:
 
     def deploy(self, image: str) -> None:
         self.run(self._modal(["deploy"], ["-m", "apps.server", "--strategy", "recreate"]), {IMAGE_VAR: image})
+        self.apply_warm_hours()
+
+    def apply_warm_hours(self) -> None:
+        """A deploy resets min_containers (both classes in split mode): the warm hours are put back at once."""
+        from shared.operations import warm
+
+        warm.apply_schedule(self.settings)
 
     def ready(self) -> str:
         url = self.server_info()["url"]

@@ -26,11 +26,12 @@ CHECK_MINUTES = 5  # the scheduled run's period: a window's edge takes effect wi
 WARM_CONTAINERS = 1  # one server container at most anyway (one SQLite writer)
 
 
-def server_instance(settings: Settings) -> Any:
-    """The deployed `Tabby` class of the server app, instantiated (where `update_autoscaler` lives in modal 1.6)."""
+def server_instance(settings: Settings, name: str = "Tabby") -> Any:
+    """The deployed `Tabby` (or split mode's `Inference`) class of the server app, instantiated (where
+    `update_autoscaler` lives in modal 1.6)."""
     import modal
 
-    cls = modal.Cls.from_name(settings.server_app, "Tabby", environment_name=settings.modal_environment)
+    cls = modal.Cls.from_name(settings.server_app, name, environment_name=settings.modal_environment)
     return cls()
 
 
@@ -59,7 +60,20 @@ def set_min_containers(
     except Exception as err:
         raise StateError(f"update_autoscaler failed on Modal: {type(err).__name__}: {err}") from None
     applied = getattr(result, "min_containers", n)
-    return {"server_app": settings.server_app, "min_containers": n if applied is None else applied}
+    out = {"server_app": settings.server_app, "min_containers": n if applied is None else applied}
+    if settings.inference == "split":  # split mode (issue 20): warm means a GPU replica up too
+        m = max(n, settings.inference_min_containers)
+        try:
+            instance(settings, "Inference").update_autoscaler(min_containers=m)  # type: ignore[call-arg]
+        except NotFoundError:
+            raise StateError(
+                f"{settings.server_app} has no Inference class: deploy it with TABBY_MODAL_INFERENCE=split "
+                "(`make deploy-server`)"
+            ) from None
+        except Exception as err:
+            raise StateError(f"update_autoscaler failed on Modal: {type(err).__name__}: {err}") from None
+        out["inference_min_containers"] = m
+    return out
 
 
 def apply_schedule(

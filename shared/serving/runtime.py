@@ -33,6 +33,13 @@ from typing import Any
 from shared.serving import tabby_config
 from shared.serving.asgi import ASGIApp
 from shared.serving.guard import OwnerGuard
+from shared.serving.inference import (
+    Endpoint,
+    InferenceError,
+    endpoint_from_modal,
+    split_endpoint,
+    split_options,
+)
 from shared.serving.proxy import Proxy, Refusal
 from shared.serving.supervisor import (
     JWT_ENV,
@@ -97,6 +104,7 @@ class TabbyServer:
         exit_budget: float | None = None,
         on_give_up: Callable[[str], None] | None = None,
         restart_backoff: float = RESTART_BACKOFF,
+        inference_endpoint: Callable[[], Endpoint] | None = None,  # split mode (issue 20)
     ) -> None:
         self.settings = settings
         # Absolute: Tabby runs with its root as working directory, where a relative TABBY_ROOT would nest.
@@ -113,6 +121,7 @@ class TabbyServer:
         self._deadline: float | None = None  # set by stop(): persists give up between two files after it
         self.on_give_up = on_give_up
         self.restart_backoff = restart_backoff
+        self.inference_endpoint = inference_endpoint
         # new, maintenance, hydrating, starting, ready, restarting, failed, gave_up, superseded, stopping, stopped
         self.state = "new"
         self.reason: str | None = None
@@ -227,8 +236,10 @@ class TabbyServer:
             except Exception as err:
                 return self._fail(f"hydrating {self.live_root} from {self.data_dir} failed: {err}")
             try:
-                self._skip_flags = tabby_config.write(self.settings, self.live_root).skip_flags
-            except (TabbyConfigError, OSError) as err:
+                # Split mode (issue 20): the models are on the inference endpoint, looked up at each start.
+                endpoint = split_endpoint(self.settings, self.inference_endpoint)
+                self._skip_flags = tabby_config.write(self.settings, self.live_root, endpoint).skip_flags
+            except (TabbyConfigError, InferenceError, OSError) as err:
                 return self._fail(str(err))
             if self._stopping.is_set():
                 return False
@@ -553,6 +564,7 @@ def for_modal(settings: Settings, commit: Callable[[], None] | None) -> TabbySer
         commit=commit,
         maintenance_check=lease_check(settings),
         on_give_up=exit_container,
+        inference_endpoint=(lambda: endpoint_from_modal(settings)) if settings.inference == "split" else None,
     )
 
 
@@ -568,6 +580,7 @@ def function_options(settings: Settings, *, volume: Any = None, secret: Any = No
         secret = modal.Secret.from_name(settings.secret_name, environment_name=settings.modal_environment)
     return {
         "gpu": settings.gpu_spec(),
+        **split_options(settings),  # split mode (issue 20): no GPU, CPU and memory from settings
         "volumes": {settings.data_mount: volume},
         "secrets": [secret],
         "max_containers": 1,  # one SQLite writer, one writer of /data

@@ -72,7 +72,7 @@ def build_command(settings: Settings, tabby_bin: str, *, skip: Collection[str] =
         cmd += ["--chat-model", model_arg(settings.chat_model, settings.model_cache)]
     cmd += [
         "--device",
-        settings.device,
+        "cpu" if settings.inference == "split" else settings.device,  # split mode: no GPU, models over HTTP
         "--parallelism",
         str(settings.parallelism),
         "--host",

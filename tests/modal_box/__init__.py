@@ -153,6 +153,7 @@ class Box:
         self.containers: list[Container] = []
         self.servers: list[Any] = []
         self.web: tuple[Any, str] | None = None  # (task, method) the ingress sends requests to
+        self.webs: dict[str, tuple[Any, str]] = {}  # label -> (task, method), with plane.web_base set
         self.client_url = ""
         self.ingress_url = ""
 
@@ -270,6 +271,22 @@ class Box:
         disk = where / "local-disk"
         disk.mkdir()
         binds.append((disk, LOCAL_DISK))
+        snapshot_env: dict[str, str] = {}
+        if fdef.checkpointing_enabled:
+            # A memory-snapshot function (split mode's GPU snapshot, issue 20): each box container is one that
+            # creates the snapshot (on Modal, later ones are restored from it and skip the snap=True phase): the
+            # worker's flags, and the file it writes on restore (ContainerCheckpoint in control_plane). The box has
+            # no GPU and no gVisor (/proc/gvisor/checkpoint, where the GPU memory part happens): it runs the phases
+            # without a GPU.
+            snapshot_env = {
+                "MODAL_ENABLE_SNAP_RESTORE": "1",
+                "MODAL_RESTORE_STATE_PATH": str(where / "restore-state.json"),
+            }
+            task.restore_state = where / "restore-state.json"
+            fdef = api_pb2.Function()
+            fdef.CopyFrom(plane.functions[function_id])
+            fdef.resources.ClearField("gpu_config")
+            fdef.is_checkpointing_function = True
         args = api_pb2.ContainerArguments(
             task_id=task_id,
             function_id=function_id,
@@ -297,6 +314,7 @@ class Box:
             PYTHONPATH=str(REPO),  # stands for the image's add_local_python_source("shared", "apps")
             PATH=os.pathsep.join([*(str(p) for p in path or []), cenv.get("PATH", "")]),
         )
+        cenv.update(snapshot_env)
         cenv.update(env)
         for _, target in binds:
             Path(target).mkdir(parents=True, exist_ok=True)  # mount points (empty) on the host
@@ -361,10 +379,26 @@ class Box:
             return None
         return api_pb2.GenericResult.GenericStatus.Name(call.output.result().result.status)
 
-    def serve_web(self, container: Container, method: str) -> None:
-        """Send the ingress's requests to `method` (an asgi_app) of this container."""
-        self.web = (container.task, method)
-        self.loop.call_soon_threadsafe(self.ingress.target.set)
+    def serve_web(self, container: Container, method: str, label: str | None = None) -> None:
+        """Send the ingress's requests to `method` (an asgi_app) of this container; with `label`, only the
+        requests to that label's URL (`label_web_urls`)."""
+        if label is None:
+            self.web = (container.task, method)
+            self.loop.call_soon_threadsafe(self.ingress.target.set)
+            return
+        self.webs[label] = (container.task, method)
+
+        def ready() -> None:
+            self.ingress.labels.setdefault(label, asyncio.Event()).set()
+
+        self.loop.call_soon_threadsafe(ready)
+
+    def label_web_urls(self) -> str:
+        """From now on, deployed web endpoints get `<ingress>/_web/<label>` URLs the ingress routes by label."""
+        from tests.modal_box.ingress import LABELLED
+
+        self.plane.web_base = self.ingress_url + LABELLED
+        return self.plane.web_base
 
 
 def poll(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -155,6 +156,9 @@ class Task:
     events: list[tuple[str, str, float]] = field(default_factory=list)  # (rpc, detail, monotonic time)
     port: int = 0
     running: bool = True
+    restore_state: Path | None = (
+        None  # a memory-snapshot container: where the worker writes its restore state
+    )
 
     def event(self, rpc: str, detail: str = "") -> None:
         self.events.append((rpc, detail, time.monotonic()))
@@ -185,6 +189,14 @@ class ControlPlane:
         self.calls: dict[str, Call] = {}  # function call id -> call
         self.calls_by_input: dict[str, Call] = {}
         self.rpcs: list[str] = []  # every RPC name, in order (for tests that check a path was taken)
+        # Split mode's box (issue 20): when set, a web endpoint's URL is `<web_base><label>`, which the ingress
+        # routes to that label's container, so one container can call another's endpoint as Modal's URL would.
+        self.web_base: str | None = None
+        # function id -> the autoscaler override of `update_autoscaler` (a deploy of the function resets it)
+        self.autoscaler: dict[str, api_pb2.AutoscalerSettings] = {}
+
+    def web_url(self, name: str) -> str:
+        return f"{self.web_base}{name}" if self.web_base else _web_url(name)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-box{next(self.ids)}"
@@ -528,7 +540,7 @@ class Servicer(api_grpc.ModalClientBase):
             name: api_pb2.FunctionHandleMetadata(
                 function_name=m.function_name,
                 function_type=m.function_type,
-                web_url=_web_url(m.webhook_config.requested_suffix or name)
+                web_url=self.plane.web_url(m.webhook_config.requested_suffix or name)
                 if m.webhook_config.type
                 else None,
                 is_method=True,
@@ -561,13 +573,16 @@ class Servicer(api_grpc.ModalClientBase):
         f.CopyFrom(
             req.function_data.ranked_functions[0].function if req.HasField("function_data") else req.function
         )
+        if f.experimental_options.get("enable_gpu_snapshot", "").lower() == "true":
+            f._experimental_enable_gpu_snapshot = True  # as Modal's server reads experimental_options
         if f.webhook_config.type:
-            f.web_url = _web_url(f.webhook_config.requested_suffix or f.function_name)
+            f.web_url = self.plane.web_url(f.webhook_config.requested_suffix or f.function_name)
         for name, m in f.method_definitions.items():
             if m.webhook_config.type:
-                m.web_url = _web_url(m.webhook_config.requested_suffix or name)
+                m.web_url = self.plane.web_url(m.webhook_config.requested_suffix or name)
         self.plane.functions[function_id] = f
         self.plane.function_app[function_id] = req.app_id
+        self.plane.autoscaler.pop(function_id, None)  # a deploy resets update_autoscaler's override
         meta = self.plane.function_metadata(function_id)
         self.plane.handle_metadata[function_id] = meta
         await stream.send_message(
@@ -610,6 +625,28 @@ class Servicer(api_grpc.ModalClientBase):
                 function=self.plane.function_data(function_id),
             )
         )
+
+    async def ContainerCheckpoint(self, stream: Any) -> None:
+        """A memory-snapshot container is ready to be snapshotted: the box snapshots nothing, records the moment
+        and restores it at once, as the worker does, by writing the restore state file the container waits for."""
+        req = await self._recv(stream, "ContainerCheckpoint")
+        task = self._task()
+        task.event("ContainerCheckpoint", req.checkpoint_id)
+        if task.restore_state is not None:
+            task.restore_state.write_text(json.dumps({"task_id": task.task_id}))
+        await stream.send_message(Empty())
+
+    async def FunctionUpdateSchedulingParams(self, stream: Any) -> None:
+        """`update_autoscaler`: the fields it sets override the deployed ones until the next deploy."""
+        req = await self._recv(stream, "FunctionUpdateSchedulingParams")
+        if req.function_id not in self.plane.functions:
+            raise GRPCError(Status.NOT_FOUND, f"Function '{req.function_id}' not found")
+        current = api_pb2.AutoscalerSettings()
+        current.CopyFrom(self.plane.functions[req.function_id].autoscaler_settings)
+        override = self.plane.autoscaler.setdefault(req.function_id, api_pb2.AutoscalerSettings())
+        override.MergeFrom(req.settings)
+        current.MergeFrom(override)
+        await stream.send_message(api_pb2.FunctionUpdateSchedulingParamsResponse(current_settings=current))
 
     async def FunctionGetCurrentStats(self, stream: Any) -> None:
         req = await self._recv(stream, "FunctionGetCurrentStats")

@@ -21,6 +21,7 @@ from modal_proto import api_pb2
 
 ASGI = api_pb2.DATA_FORMAT_ASGI
 BOX_HEADERS = (b"x-box-no-length", b"x-box-disconnect")
+LABELLED = "/_web/"  # the path prefix of label-routed endpoints (see control_plane.web_base)
 HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te", "trailer"}
 
 
@@ -32,6 +33,8 @@ class Ingress:
         self.pending: set[asyncio.Future] = set()  # disconnect messages on their way (kept from the GC)
         self.pending: set[asyncio.Future] = set()
         self.calls_seen = 0  # requests received
+        self.labels: dict[str, asyncio.Event] = {}  # label -> set once a container serves it
+        self.label_calls: dict[str, int] = {}  # label -> requests received for it
         self.target = (
             asyncio.Event()
         )  # set once a container serves web requests (Modal queues them until then)
@@ -52,11 +55,23 @@ class Ingress:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.calls_seen += 1
-        try:
-            await asyncio.wait_for(self.target.wait(), 120)
-        except TimeoutError:
-            return web.Response(status=503, text="box: no container serves web requests")
-        task, method = self.box.web
+        path = request.path
+        label = path.split("/")[2] if path.startswith(LABELLED) and path.count("/") >= 2 else None
+        if label is not None:  # `<web_base><label>/...` (control_plane.web_base): that label's container
+            path = path[len(LABELLED) + len(label) :] or "/"
+            event = self.labels.setdefault(label, asyncio.Event())
+            self.label_calls[label] = self.label_calls.get(label, 0) + 1
+            try:
+                await asyncio.wait_for(event.wait(), 120)  # Modal holds a request while a container starts
+            except TimeoutError:
+                return web.Response(status=503, text=f"box: no container serves {label}")
+            task, method = self.box.webs[label]
+        else:
+            try:
+                await asyncio.wait_for(self.target.wait(), 120)
+            except TimeoutError:
+                return web.Response(status=503, text="box: no container serves web requests")
+            task, method = self.box.web
         raw = [(k.lower(), v) for k, v in request.raw_headers]
         opts = {k: v for k, v in raw if k in BOX_HEADERS}
         headers = [(k, v) for k, v in raw if k not in BOX_HEADERS]
@@ -64,7 +79,7 @@ class Ingress:
             headers = [(k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")]
         scope: dict[str, Any] = {
             "http_version": "1.1",
-            "path": request.path,
+            "path": path,
             "query_string": request.raw_path.partition("?")[2].encode("latin-1"),  # as sent (not decoded)
             "root_path": "",
             "headers": headers,
