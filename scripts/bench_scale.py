@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.tabby_root import make_root
+from scripts.doubles import make_root
 
 MONOREPO = "repositories/https_github.com_example_monorepo.git"
 SOURCE_MEDIAN = 3 * 1024  # bytes: typical source files are a few KiB...

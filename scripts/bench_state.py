@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.doubles import make_root
 from shared.state import mirror
 from shared.state.store import Store
-from tests.tabby_root import make_root
 
 
 def timed(fn) -> tuple[float, object]:

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -34,11 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.doubles import change_root, free_port, make_root, standin_bin
 from shared.serving.runtime import TabbyServer
 from shared.settings import load_settings
 from shared.state import mirror
-from tests.harness import free_port, tabby_wrapper
-from tests.tabby_root import SEGMENT_EXTS, make_root, new_segment, read_meta, tantivy_commit, write_meta
 
 
 class Phases(logging.Handler):
@@ -58,42 +55,7 @@ class Phases(logging.Handler):
         return "-"
 
 
-def db_rows(root: Path, n: int) -> None:
-    conn = sqlite3.connect(root / "ee/db.sqlite", timeout=30)
-    with conn:
-        conn.executemany(
-            "INSERT INTO user_events(user_id, kind, payload) VALUES (1, 'completion', ?)",
-            [(os.urandom(400),) for _ in range(n)],
-        )
-    conn.close()
-
-
-def typical_change(root: Path, rng: random.Random) -> None:
-    db_rows(root, 300)
-    with open(root / "events" / (time.strftime("%Y-%m-%d", time.gmtime()) + ".json"), "a") as f:
-        for i in range(200):
-            f.write(f'{{"event": "completion", "n": {i}}}\n')
-    for _ in range(2):
-        tantivy_commit(root / "index/corpus", rng)
-
-
-def large_change(root: Path, rng: random.Random) -> None:
-    """A merge of the main index: every segment rewritten as a new one of the same size, then the old deleted."""
-    index = root / "index"
-    meta = read_meta(index)
-    segments = []
-    for seg in meta["segments"]:
-        old = seg["segment_id"].replace("-", "")
-        sizes = [(index / f"{old}.{ext}").stat().st_size for ext in SEGMENT_EXTS]
-        segments.append({"segment_id": new_segment(index, rng, sizes), "max_doc": 1000, "deletes": None})
-    write_meta(index, segments, meta["opstamp"] + 1)
-    for seg in meta["segments"]:
-        for f in index.glob(seg["segment_id"].replace("-", "") + ".*"):
-            f.unlink()
-    db_rows(root, 300)
-
-
-def one_stop(base: Path, data: Path, change, *, ignore_term: bool, seed: int) -> dict[str, str]:
+def one_stop(base: Path, data: Path, change: str | None, *, ignore_term: bool, seed: int) -> dict[str, str]:
     live = base / "live"
     shutil.rmtree(live, ignore_errors=True)
     settings = load_settings(
@@ -111,7 +73,7 @@ def one_stop(base: Path, data: Path, change, *, ignore_term: bool, seed: int) ->
         settings,
         data_dir=data,
         live_root=live,
-        tabby_bin=str(tabby_wrapper(base / "bin")),
+        tabby_bin=str(standin_bin(base / "bin")),
         jwt_secret=str(uuid.uuid4()),
         commit=lambda: None,
     )
@@ -120,7 +82,7 @@ def one_stop(base: Path, data: Path, change, *, ignore_term: bool, seed: int) ->
     server.persist_now()  # the last periodic persist: the change below is all the final persist has to copy
     changed = mirror.scan(live)
     if change is not None:
-        change(live, random.Random(seed))
+        change_root(live, change, seed)
     after = mirror.scan(live)
     new_bytes = sum(n.size for p, n in after.items() if changed.get(p) != n)
     phases = Phases()
@@ -169,9 +131,9 @@ def bench(base: Path, size_mb: float, seed: int) -> int:
     shutil.rmtree(seed_root)
     rows = [
         ("nothing changed", None, False),
-        ("typical (30 s of use)", typical_change, False),
-        ("large (index rewritten)", large_change, False),
-        ("large, Tabby ignores SIGTERM", large_change, True),
+        ("typical (30 s of use)", "typical", False),
+        ("large (index rewritten)", "large", False),
+        ("large, Tabby ignores SIGTERM", "large", True),
     ]
     results = []
     for i, (name, change, ignore) in enumerate(rows):

@@ -6,7 +6,8 @@ stdout.log`, `events/YYYY-MM-DD.json`, a Tantivy-like `index/` (meta.json naming
 mirror must leave out. Sizes scale with `size_mb`: about 10% database, 65% index (~10k files per GiB), 5% events,
 15% repositories, 5% job logs. Content comes from a seeded RNG, so a seed always gives the same tree.
 
-    python -m tests.tabby_root make DIR [--size-mb N] [--seed S]
+    python -m tests.tabby_root make DIR [--size-mb N] [--seed S] [--files N] [--no-models]
+    python -m tests.tabby_root change ROOT typical|large [--seed S]   # what a stretch of use changes
     python -m tests.tabby_root writer ROOT [--seed S]     # commits a counter until SIGTERM; see `writer()`
 """
 
@@ -289,6 +290,45 @@ def writer(root: Path, seed: int = 0) -> None:
     conn.close()
 
 
+def db_rows(root: Path, n: int) -> None:
+    conn = sqlite3.connect(root / "ee/db.sqlite", timeout=30)
+    with conn:
+        conn.executemany(
+            "INSERT INTO user_events(user_id, kind, payload) VALUES (1, 'completion', ?)",
+            [(os.urandom(400),) for _ in range(n)],
+        )
+    conn.close()
+
+
+def typical_change(root: Path, rng: random.Random) -> None:
+    """About 30 s of use: rows in the database, events, two small index commits."""
+    db_rows(root, 300)
+    with open(root / "events" / (time.strftime("%Y-%m-%d", time.gmtime()) + ".json"), "a") as f:
+        for i in range(200):
+            f.write(f'{{"event": "completion", "n": {i}}}\n')
+    for _ in range(2):
+        tantivy_commit(root / "index/corpus", rng)
+
+
+def large_change(root: Path, rng: random.Random) -> None:
+    """A merge of the main index: every segment rewritten as a new one of the same size, then the old deleted."""
+    index = root / "index"
+    meta = read_meta(index)
+    segments = []
+    for seg in meta["segments"]:
+        old = seg["segment_id"].replace("-", "")
+        sizes = [(index / f"{old}.{ext}").stat().st_size for ext in SEGMENT_EXTS]
+        segments.append({"segment_id": new_segment(index, rng, sizes), "max_doc": 1000, "deletes": None})
+    write_meta(index, segments, meta["opstamp"] + 1)
+    for seg in meta["segments"]:
+        for f in index.glob(seg["segment_id"].replace("-", "") + ".*"):
+            f.unlink()
+    db_rows(root, 300)
+
+
+CHANGES = {"typical": typical_change, "large": large_change}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -296,12 +336,23 @@ def main() -> None:
     mk.add_argument("dir")
     mk.add_argument("--size-mb", type=float, default=2.0)
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--files", type=int, default=None)
+    mk.add_argument("--no-models", action="store_true")
+    ch = sub.add_parser("change")
+    ch.add_argument("root")
+    ch.add_argument("kind", choices=sorted(CHANGES))
+    ch.add_argument("--seed", type=int, default=0)
     wr = sub.add_parser("writer")
     wr.add_argument("root")
     wr.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.cmd == "make":
-        print(json.dumps(make_root(Path(args.dir), size_mb=args.size_mb, seed=args.seed)))
+        info = make_root(
+            Path(args.dir), size_mb=args.size_mb, seed=args.seed, files=args.files, models=not args.no_models
+        )
+        print(json.dumps(info))
+    elif args.cmd == "change":
+        CHANGES[args.kind](Path(args.root), random.Random(args.seed))
     else:
         writer(Path(args.root), args.seed)
 
