@@ -26,8 +26,8 @@ help:
 install: ## Create .venv from uv.lock with python3 (no uv on PATH: bootstraps it in .uv-bootstrap/)
 	@bash scripts/install.sh
 
-test: ## Run the test suite (stress runs excluded)
-	$(VENV)/bin/pytest -q -m "not stress"
+test: ## Run the test suite (stress runs excluded), two workers
+	$(VENV)/bin/pytest -q -m "not stress" -n 2 --dist loadfile
 
 stress: ## Longer stress runs
 	$(VENV)/bin/pytest -q -m stress
