@@ -702,3 +702,30 @@ def test_free_space_sweep(tmp_path: Path, small_disk: Callable[[int], Path]) -> 
         assert no_db(hashes(data)) == no_db(new)
     print(f"persist sweep: {outcomes}")
     assert outcomes["ok"] and (outcomes["clean"] or outcomes["mixed"])
+
+
+def test_a_live_source_that_grows_between_two_looks_is_copied_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the busy-writer stress test: Tabby appended to a file between the size look and the change look of
+    # one copy, and a whole copy was refused as "copied 7983 of 7970 bytes".
+    from shared.state import atomic
+
+    src = tmp_path / "events.json"
+    src.write_bytes(b"x" * 7970)
+    real_fstat = os.fstat
+    grown = []
+
+    def fstat_then_append(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if not grown:
+            grown.append(True)
+            with open(src, "ab") as f:  # the writer, right after our first look
+                f.write(b"y" * 13)
+        return st
+
+    monkeypatch.setattr(atomic.os, "fstat", fstat_then_append)
+    size, sha = atomic.copy_file(src, tmp_path / "copy.json")
+    monkeypatch.setattr(atomic.os, "fstat", real_fstat)
+    assert grown and size == 7983 == (tmp_path / "copy.json").stat().st_size
+    assert sha == hashlib.sha256((tmp_path / "copy.json").read_bytes()).hexdigest()

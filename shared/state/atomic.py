@@ -329,11 +329,16 @@ def _fill(src: BinaryIO, out: BinaryIO) -> tuple[int, str]:
     return size, digest
 
 
-def _remaining(src: BinaryIO) -> int | None:
-    """Bytes left in `src` when it is a regular file (what a write of it needs), else None."""
+def _remaining(src: BinaryIO, sig: tuple[int, int] | None = None) -> int | None:
+    """Bytes left in `src` when it is a regular file (what a write of it needs), else None; `sig` is its
+    `_stable_sig` when the caller took one (the size is read from it, not from a second look)."""
     try:
-        st = os.fstat(src.fileno())
-        return max(st.st_size - src.tell(), 0) if stat.S_ISREG(st.st_mode) else None
+        if sig is None:
+            st = os.fstat(src.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            sig = (st.st_size, st.st_mtime_ns)
+        return max(sig[0] - src.tell(), 0)
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return None
 
@@ -456,7 +461,9 @@ def _write_new(
     writeback: bool = False,
 ) -> tuple[int, str]:
     """Create `path` (it must not exist) with the rest of `src`; on any failure it is removed again."""
-    needed, before = _remaining(src), _stable_sig(src)
+    # One fstat for both: a live source that grows between two looks must not read as one that came across short.
+    before = _stable_sig(src)
+    needed = _remaining(src, before)
     with room_for(path, needed), _removed_on_failure(path), open(path, "x+b", buffering=0) as out:
         size, digest = _fill(src, out)
         if needed is not None and before is not None and size != needed and _stable_sig(src) == before:
