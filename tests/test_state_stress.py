@@ -187,7 +187,7 @@ def sigkills(tmp_path: Path, total: int, each: int, budget: float) -> None:
     store.snapshot(data, "base")
     estimate = {"persist": 0.08, "snapshot": 0.08, "restore": 0.15, "prune": 0.03}
     kills = dict.fromkeys(estimate, 0)
-    mid_way = {"data dir pending": 0, "store lock left": 0}
+    mid_way = {"data dir pending": 0, "store lock left": 0, "restore marked": 0}
     deadline = time.monotonic() + budget
     round_no = 0
     scratch = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -230,8 +230,16 @@ def sigkills(tmp_path: Path, total: int, each: int, budget: float) -> None:
         assert all("problem" not in s for s in store.list())
         report = store.verify(sample=0)
         assert report["ok"], report["problems"][:3]
-        # The data dir is readable: it hydrates (database checked on the way).
+        # A killed restore leaves the data dir marked as a mix (issue 16): every reader refuses it until a restore
+        # finishes the job; then, as after any other kill, it hydrates (database checked on the way).
         back = scratch / f"h{round_no}"
+        cut = mirror.unfinished_change(data)
+        if cut is not None:
+            mid_way["restore marked"] += 1
+            with pytest.raises(mirror.InterruptedChange):
+                mirror.hydrate(data, back)
+            store.restore(cut["target"], data)
+            assert mirror.unfinished_change(data) is None
         mirror.hydrate(data, back)
         shutil.rmtree(back, ignore_errors=True)
         # The last good snapshot restores.
@@ -242,7 +250,7 @@ def sigkills(tmp_path: Path, total: int, each: int, budget: float) -> None:
         shutil.rmtree(target)
     assert sum(kills.values()) >= total - 10 and min(kills.values()) >= each - 1, kills
     # Proof that kills landed inside the operations, not only before or after them.
-    assert min(mid_way.values()) >= 3, mid_way
+    assert min(mid_way["data dir pending"], mid_way["store lock left"]) >= 3, mid_way
     print(f"kills {kills}, interrupted states {mid_way}, rounds {round_no}")
     # After all that: a clean cycle still works and everything re-hashes.
     mirror.persist(live, data)
