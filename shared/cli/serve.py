@@ -27,6 +27,8 @@ INSTALL_HINT = (
 
 def local_jwt_secret(settings: Settings, root: Path) -> str:
     """TABBY_MODAL_JWT_SECRET, else one kept in DIR/jwt-secret (made once), so browser logins survive restarts."""
+    from shared.state.atomic import write_bytes
+
     if settings.jwt_secret is not None:
         return settings.jwt_secret.get_secret_value()
     path = root / "jwt-secret"
@@ -40,13 +42,7 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
         raise CommandError(f"{path} does not hold a UUID: delete it to make a new one") from None
     value = str(uuid.uuid4())
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, (value + "\n").encode(), mode=0o600)
     return value
 
 
