@@ -134,22 +134,10 @@ def _end_orphan(owner: Any) -> None:
 
 def _run(settings: Settings, dirs: dict[str, Path], tabby: str, host: str, port: int, owner: Any) -> int:
     from shared.logs import setup_logging
-    from shared.serving.runtime import TabbyServer
-    from shared.state import lease
+    from shared.serving.local_machine import for_local
 
     dirs["data"].mkdir(parents=True, exist_ok=True)
-    server = TabbyServer(
-        settings,
-        data_dir=dirs["data"],
-        live_root=dirs["live"],
-        tabby_bin=tabby,
-        jwt_secret=local_jwt_secret(settings, dirs["root"]),
-        setup_token=settings.setup_token.get_secret_value() if settings.setup_token else None,
-        # A `restore`/`reset --local DIR` holds its lease in DIR/locks: Tabby waits (503) until it ends.
-        maintenance_check=lambda: lease.reason(lease.DirDict(dirs["root"] / "locks")),
-        maintenance_recheck=1.0,  # a local file read: cheap enough to look every second
-    )
-    server.on_tabby_spawn = owner.note_tabby  # so the next `serve` can end it if this one is killed
+    server = for_local(settings, dirs, tabby, local_jwt_secret(settings, dirs["root"]), owner.note_tabby)
     setup_logging()
     from shared.serving.host import run
 
