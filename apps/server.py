@@ -6,14 +6,15 @@ One container at most (one SQLite writer), deployed with `--strategy recreate` s
 write /data together. When the container starts, it hydrates Tabby's working root on local disk from /data and
 starts `tabby serve` on 127.0.0.1; requests reach it through the proxy, which carries websockets, SSE, client
 cancellation and the owner-claim guard. Every `persist_interval` seconds and once more at shutdown the state is
-mirrored back into /data and the Volume committed. Everything that runs lives in `shared/serving/runtime.py`.
+mirrored back into /data and the Volume committed. Everything that runs lives in `shared/serving/` (server.py, and
+modal_container.py for this wiring).
 """
 
 import modal
 
 from shared.image import build_image
 from shared.logs import setup_logging
-from shared.serving import inference, runtime
+from shared.serving import inference, modal_container
 from shared.settings import load_settings
 
 # Resolved here, on your machine; the container gets the same values through `env=settings.container_env()`.
@@ -30,7 +31,7 @@ data = modal.Volume.from_name(
 secret = modal.Secret.from_name(settings.secret_name, environment_name=settings.modal_environment)
 
 
-@app.cls(image=image, **runtime.function_options(settings, volume=data, secret=secret))
+@app.cls(image=image, **modal_container.function_options(settings, volume=data, secret=secret))
 @modal.concurrent(max_inputs=settings.max_inputs)  # one long chat stream must not hold up everyone else
 class Tabby:
     @modal.enter()
@@ -38,7 +39,7 @@ class Tabby:
         # Blocks until Tabby listens (requests wait meanwhile); a failure is served as a 503 with the reason
         # instead of crashing, so a broken start does not become a loop of GPU containers.
         setup_logging()
-        self.runtime = runtime.for_modal(load_settings(), commit=data.commit)
+        self.runtime = modal_container.for_modal(load_settings(), commit=data.commit)
         self.runtime.start()
 
     @modal.exit()

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_stop.py --size-mb 64  # a quick run
 
 Modal gives `@modal.exit` about 30 s (fixed for classes); the server's stop must fit in TABBY_MODAL_EXIT_BUDGET
-(25 s) and leave Modal its own Volume commit. Each row runs the real `TabbyServer.stop()` (shared/serving/runtime.py)
+(25 s) and leave Modal its own Volume commit. Each row runs the real `TabbyServer.stop()` (shared/serving/server.py)
 with the stand-in Tabby (tests/standin_tabby.py, with its llama-server child) on a root hydrated from the data dir,
 after a change of the given size since the last persist:
 
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.doubles import change_root, free_port, make_root, standin_bin
-from shared.serving.runtime import TabbyServer
+from shared.serving.server import TabbyServer
 from shared.settings import load_settings
 from shared.state import mirror
 

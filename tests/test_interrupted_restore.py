@@ -267,7 +267,7 @@ def test_an_interrupted_persist_keeps_its_meaning(tmp_path):
 
 
 def test_the_server_refuses_to_hydrate_an_interrupted_restore(tmp_path, monkeypatch):
-    """The Modal path: TabbyServer.start() (shared/serving/runtime.py) hydrates nothing and answers 503 naming the
+    """The Modal path: TabbyServer.start() (shared/serving/server.py) hydrates nothing and answers 503 naming the
     command; a persist of a live root hydrated earlier refuses too and leaves the marker."""
     from tests.test_server import Harness
 

@@ -135,7 +135,7 @@ def test_a_broken_lease_is_not_released_over_its_new_holder(tmp_path):
 
 
 def test_server_start_check_reads_the_modal_dict(tmp_path, monkeypatch, no_modal_env):
-    from shared.serving.runtime import lease_check
+    from shared.serving.modal_container import lease_check
     from shared.settings import load_settings
 
     d = DirDict(tmp_path / "dict")

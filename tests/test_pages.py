@@ -17,7 +17,7 @@ import pytest
 from shared.serving.guard import COOKIE, SIGNUP_PATH, OwnerGuard, cookie_value
 from shared.serving.pages import PAGES, REFRESH, wants_html
 from shared.serving.proxy import Proxy
-from shared.serving.runtime import TabbyServer
+from shared.serving.server import TabbyServer
 from shared.settings import load_settings
 from tests.harness import free_port, serve_asgi
 

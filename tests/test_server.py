@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shared.serving.runtime import TabbyServer
+from shared.serving.server import TabbyServer
 from shared.serving.supervisor import group_members
 from shared.settings import load_settings
 from shared.state import mirror
@@ -340,7 +340,7 @@ def test_jwt_secret_not_a_uuid_is_refused_at_start(tmp_path, harness, monkeypatc
 
 
 def test_jwt_secret_forms_tabby_accepts():
-    from shared.serving.runtime import jwt_secret_problem
+    from shared.serving.jwt_secret import jwt_secret_problem
 
     u = "67e55044-10b1-426f-9247-bb680e5fe0c8"
     for ok in (None, u, u.upper(), u.replace("-", ""), "{" + u + "}", "urn:uuid:" + u):
@@ -375,7 +375,7 @@ def test_stop_kills_a_tabby_ignoring_sigterm_at_the_grace_and_logs_each_phase(tm
 
 
 def test_final_persist_past_the_exit_deadline_keeps_the_last_complete_state(tmp_path, harness, caplog):
-    from shared.serving.runtime import FINAL_RESERVE
+    from shared.serving.server import FINAL_RESERVE
 
     h = harness(exit_budget=FINAL_RESERVE)  # no time left for copying once stop() begins
     seed_data_dir(tmp_path, h.data, ["owner@example.com"])

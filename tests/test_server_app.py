@@ -9,7 +9,7 @@ import warnings
 import modal
 from modal.exception import DeprecationError
 
-from shared.serving.runtime import STARTUP_MARGIN, function_options
+from shared.serving.modal_container import STARTUP_MARGIN, function_options
 from shared.settings import load_settings
 
 

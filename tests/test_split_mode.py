@@ -21,7 +21,7 @@ import pytest
 
 from shared.operations import smoke
 from shared.serving.inference import Endpoint, Inference
-from shared.serving.runtime import TabbyServer
+from shared.serving.server import TabbyServer
 from shared.settings import load_settings
 from tests.harness import TOKEN, free_port, poll, serve_asgi
 from tests.split_parts import PROMPT_TEMPLATE, bake_models, llama_wrapper

@@ -27,6 +27,8 @@ INSTALL_HINT = (
 
 def local_jwt_secret(settings: Settings, root: Path) -> str:
     """TABBY_MODAL_JWT_SECRET, else one kept in DIR/jwt-secret (made once), so browser logins survive restarts."""
+    from shared.state.atomic import write_bytes
+
     if settings.jwt_secret is not None:
         return settings.jwt_secret.get_secret_value()
     path = root / "jwt-secret"
@@ -40,13 +42,7 @@ def local_jwt_secret(settings: Settings, root: Path) -> str:
         raise CommandError(f"{path} does not hold a UUID: delete it to make a new one") from None
     value = str(uuid.uuid4())
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, (value + "\n").encode(), mode=0o600)
     return value
 
 
@@ -138,22 +134,10 @@ def _end_orphan(owner: Any) -> None:
 
 def _run(settings: Settings, dirs: dict[str, Path], tabby: str, host: str, port: int, owner: Any) -> int:
     from shared.logs import setup_logging
-    from shared.serving.runtime import TabbyServer
-    from shared.state import lease
+    from shared.serving.local_machine import for_local
 
     dirs["data"].mkdir(parents=True, exist_ok=True)
-    server = TabbyServer(
-        settings,
-        data_dir=dirs["data"],
-        live_root=dirs["live"],
-        tabby_bin=tabby,
-        jwt_secret=local_jwt_secret(settings, dirs["root"]),
-        setup_token=settings.setup_token.get_secret_value() if settings.setup_token else None,
-        # A `restore`/`reset --local DIR` holds its lease in DIR/locks: Tabby waits (503) until it ends.
-        maintenance_check=lambda: lease.reason(lease.DirDict(dirs["root"] / "locks")),
-        maintenance_recheck=1.0,  # a local file read: cheap enough to look every second
-    )
-    server.on_tabby_spawn = owner.note_tabby  # so the next `serve` can end it if this one is killed
+    server = for_local(settings, dirs, tabby, local_jwt_secret(settings, dirs["root"]), owner.note_tabby)
     setup_logging()
     from shared.serving.host import run
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shared.operations import local_server, versions
 from shared.operations.smoke import smoke
 from shared.state import database
-from shared.state.atomic import StateError
+from shared.state.atomic import StateError, write_bytes
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -72,18 +72,7 @@ def write_env(path: Path, key: str, value: str) -> None:
         if out and not out[-1].endswith("\n"):
             out[-1] += "\n"
         out.append(line)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent.absolute())
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, "".join(out).encode(), mode=mode)
 
 
 # --- the two targets -------------------------------------------------------------------------------------------

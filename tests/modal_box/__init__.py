@@ -40,7 +40,7 @@ from typing import Any
 MODAL_VERSION = "1.6.4"
 REPO = Path(__file__).resolve().parents[2]
 # Container-local disk: a fresh, empty /var/lib per container. Our server keeps Tabby's root in /var/lib/tabby
-# (shared/serving/runtime.py), which must be a plain directory as in a Modal container, not a mount point: the
+# (shared/serving/modal_container.py), which must be a plain directory as in a Modal container, not a mount point: the
 # hydrate replaces it by rename.
 LOCAL_DISK = "/var/lib"
 

@@ -38,7 +38,7 @@ from shared.state.mirror.manifest import (
     write_pending,
     writing,
 )
-from shared.state.mirror.persist import persist
+from shared.state.mirror.persist import PersistDeadline, persist
 from shared.state.mirror.scan import (
     META_DIR,
     WORKERS,
@@ -61,6 +61,7 @@ __all__ = [
     "DataDirReplaced",
     "Entry",
     "InterruptedChange",
+    "PersistDeadline",
     "PersistManifest",
     "clear_way",
     "describe_change",

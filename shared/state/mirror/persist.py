@@ -282,6 +282,16 @@ def _read_meta(path: Path) -> tuple[bytes | None, os.stat_result | None]:
         return None, None
 
 
+class PersistDeadline(Exception):
+    """A persist gave up between two files: its deadline (the exit hook's time) had passed."""
+
+
+def _check_deadline(deadline: Callable[[], float | None] | None, done: int, total: int) -> None:
+    when = deadline() if deadline is not None else None
+    if when is not None and time.monotonic() >= when:
+        raise PersistDeadline(f"{done} of {total} changed files copied")
+
+
 def persist(
     live_root: Path,
     data_dir: Path,
@@ -290,6 +300,7 @@ def persist(
     progress: Progress | None = None,
     epoch: str | None = None,
     seq: int | None = None,
+    deadline: Callable[[], float | None] | None = None,
 ) -> dict[str, Any]:
     """Mirror `live_root` into `data_dir` consistently; call `commit()` once the pass is complete.
 
@@ -297,6 +308,9 @@ def persist(
     restore or reset waits for it. `epoch` (from `hydrate()`) makes persist refuse when the data dir was restored or
     reset since: the live root is then stale; `seq` (from `hydrate()` or the last persist's result; 0 = no manifest)
     also when anyone else persisted into it. Both raise DataDirReplaced with nothing written.
+    `deadline()` (a `time.monotonic()` time or None, asked between two files: the server's exit sets it while a
+    pass runs) stops the pass with PersistDeadline once passed; the data dir keeps the last complete persist's
+    database and index, plus whole newer files.
     A database copy that fails its check raises DbCheckError and nothing of it is published.
     Returns {changed, copied_bytes, deleted, files, bytes, databases, seconds, wrote_manifest, committed, seq, ...}.
     """
@@ -317,7 +331,7 @@ def persist(
         for old in (data_dir / META_DIR).glob(f"persist{TMP_MARK}*"):
             shutil.rmtree(old, ignore_errors=True)  # staged copies of a pass that crashed
         try:
-            result = _persist(live_root, data_dir, progress, epoch, seq, runs)
+            result = _persist(live_root, data_dir, progress, epoch, seq, runs, deadline)
         except BaseException:
             if runs and runs[0].pending and not runs[0].published and not marked:
                 # A pass that failed (a full disk) before changing anything: the data dir is exactly its last
@@ -342,6 +356,7 @@ def _persist(
     epoch: str | None,
     seq: int | None,
     runs: list[_Persist],
+    deadline: Callable[[], float | None] | None,
 ) -> dict[str, Any]:
     warnings: list[str] = []
     # Never "repair" a half-done restore or reset into a state of its own: that would make the mix look healthy.
@@ -399,11 +414,13 @@ def _persist(
     # The databases are copied (backup API + check) after the files: part of the work the ETA counts.
     prog.set_totals(len(todo) + len(dbs), sum(nodes[p].size for p in [*todo, *dbs]))
     with worker_pool(WORKERS) as pool:
-        for path, entry in zip(todo, pool.map(run.copy, todo), strict=True):
+        for done, (path, entry) in enumerate(zip(todo, pool.map(run.copy, todo), strict=True)):
             if entry is not None:
                 run.new[path] = entry
+            _check_deadline(deadline, done, len(todo) + len(dbs))
             prog.add(1, nodes[path].size)
     databases = {p: run.database(p) for p in dbs}
+    _check_deadline(deadline, len(todo), len(todo) + len(dbs))
     prog.add(len(dbs), sum(nodes[p].size for p in dbs))
     for p, item in metas.items():
         if item is None:

@@ -1,4 +1,4 @@
-"""The server at run time, the same on Modal and for `tabby-modal serve --local`:
+"""The server's lifecycle at run time, the same on Modal and for `tabby-modal serve --local`:
 
     maintenance lock?  -> refuse to start: every request gets 503 with the reason
     hydrate            -> the data dir (the /data Volume) laid down as Tabby's local working root
@@ -15,6 +15,9 @@
 Tabby's root lives on local disk, never on the Volume (SQLite WAL and Tantivy locks on a network filesystem are
 unverified), and the mirror copies it consistently. Nothing here raises out of `start()`: a failure is logged and
 served as a 503 carrying the reason, so a broken start does not turn into a crash loop of GPU containers.
+
+Its parts: the states (`server_state`), the persister (`persister`), the JWT secret's check (`jwt_secret`); its
+wiring on Modal (`modal_container`) and for `serve --local` (`local_machine`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -33,59 +34,37 @@ from typing import Any
 from shared.serving import tabby_config
 from shared.serving.asgi import ASGIApp
 from shared.serving.guard import OwnerGuard
-from shared.serving.inference import (
-    Endpoint,
-    InferenceError,
-    endpoint_from_modal,
-    split_endpoint,
-    split_options,
-)
+from shared.serving.inference import Endpoint, InferenceError, split_endpoint
+from shared.serving.jwt_secret import jwt_secret_problem
+from shared.serving.persister import Persister
 from shared.serving.proxy import Proxy, Refusal
+from shared.serving.server_state import ServerState
 from shared.serving.supervisor import (
     JWT_ENV,
     Supervisor,
     TabbyStartError,
     build_command,
     build_env,
-    find_tabby,
 )
 from shared.serving.tabby_config import TabbyConfigError
 from shared.settings import Settings
-from shared.state.progress import Progress
 
 log = logging.getLogger("tabby_modal.server")
 
-MODAL_LIVE_ROOT = Path("/var/lib/tabby")  # container-local disk
-STARTUP_MARGIN = 600  # Modal's startup budget = Tabby's + this, for hydrating /data before Tabby starts
 MAINTENANCE_RECHECK = 15.0
 RETRY_STARTING = 10
 RETRY_MAINTENANCE = 60
 RESTART_BACKOFF = 0.5  # seconds before the first restart of a crashed Tabby; doubles with each recent restart
 RESTART_BACKOFF_MAX = 30.0
-EXIT_FALLBACK = 120.0  # after asking Modal's runtime to shut the container down, os._exit if still alive
 
 MaintenanceCheck = Callable[[], str | None]
 # Of the exit budget, what the final persist leaves after its last file copy: the database copy and check, the
 # index metas, the manifest and our commit. Modal's own commit comes after the hook, inside Modal's ~30 s.
 FINAL_RESERVE = 3.0
 EARLY_PERSIST = 0.5  # seconds after SIGTERM before a Tabby still up gets a persist pass during its grace
-# The forms Tabby's `Uuid::parse_str` (uuid crate) accepts: hyphenated, 32 hex digits, braced, urn.
-_HYPHENATED = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_UUID = re.compile(rf"(?:urn:uuid:)?{_HYPHENATED}|\{{{_HYPHENATED}\}}|[0-9a-f]{{32}}", re.IGNORECASE)
 
 
-def jwt_secret_problem(secret: str | None) -> str | None:
-    """Why Tabby would reject this JWT secret (it parses it as a UUID at the first login, then exits), or None."""
-    if secret is None or _UUID.fullmatch(secret):
-        return None
-    what = "is set but empty" if secret == "" else "is not a UUID"
-    return (
-        f"{JWT_ENV} {what}, so Tabby would exit at the first login; put a UUID in the Modal secret "
-        "(`make rotate-jwt-secret`) and restart"
-    )
-
-
-class TabbyServer:
+class TabbyServer(Persister):
     """One Tabby behind the proxy, with its state hydrated from and persisted to `data_dir`."""
 
     def __init__(
@@ -122,8 +101,7 @@ class TabbyServer:
         self.on_give_up = on_give_up
         self.restart_backoff = restart_backoff
         self.inference_endpoint = inference_endpoint
-        # new, maintenance, hydrating, starting, ready, restarting, failed, gave_up, superseded, stopping, stopped
-        self.state = "new"
+        self.state = ServerState.NEW
         self.reason: str | None = None
         self.supervisor: Supervisor | None = None
         self.on_tabby_spawn: Callable[[int], None] | None = (
@@ -161,14 +139,14 @@ class TabbyServer:
                 proxy,
                 self.live_root / "ee" / "db.sqlite",
                 self.setup_token,
-                enabled=lambda: self.state == "ready",
+                enabled=lambda: self.state == ServerState.READY,
             )
         return self._app
 
     def gate(self) -> Refusal | None:
         """None when Tabby serves; otherwise the 503 to answer. Called on every request: cheap."""
         state = self.state
-        if state == "ready":
+        if state == ServerState.READY:
             sup = self.supervisor
             if sup is not None and sup.exited():  # the watcher is on it: this request need not wait for it
                 return Refusal(
@@ -177,27 +155,27 @@ class TabbyServer:
                     kind="restarting",
                 )
             return None
-        if state == "restarting":
+        if state == ServerState.RESTARTING:
             return Refusal(
                 f"Tabby is restarting ({self.reason}); retry shortly",
                 retry_after=RETRY_STARTING,
                 kind="restarting",
             )
-        if state in ("gave_up", "superseded"):
-            return Refusal(f"Tabby is not running: {self.reason}", retry_after=None, kind=state)
-        if state == "maintenance":
+        if state in (ServerState.GAVE_UP, ServerState.SUPERSEDED):
+            return Refusal(f"Tabby is not running: {self.reason}", retry_after=None, kind=str(state))
+        if state == ServerState.MAINTENANCE:
             self._recheck_maintenance()
             return Refusal(
                 f"maintenance in progress ({self.reason}); Tabby starts when it ends",
                 retry_after=RETRY_MAINTENANCE,
                 kind="maintenance",
             )
-        if state in ("new", "hydrating", "starting"):
-            what = "restoring its state" if state == "hydrating" else "loading its models"
+        if state in (ServerState.NEW, ServerState.HYDRATING, ServerState.STARTING):
+            what = "restoring its state" if state == ServerState.HYDRATING else "loading its models"
             return Refusal(
                 f"Tabby is starting ({what}); retry shortly", retry_after=RETRY_STARTING, kind="starting"
             )
-        if state == "failed":
+        if state == ServerState.FAILED:
             # jwt_secret_problem's reason starts with the variable's name: that failure has its own page.
             kind = "bad_secret" if (self.reason or "").startswith(JWT_ENV) else "failed"
             return Refusal(f"Tabby failed to start: {self.reason}", retry_after=None, kind=kind)
@@ -207,17 +185,17 @@ class TabbyServer:
     def start(self) -> bool:
         """Maintenance check, hydrate, start Tabby, wait for its port, start the persister. True when serving."""
         with self._start_lock:
-            if self.state not in ("new", "maintenance") or self._stopping.is_set():
-                return self.state == "ready"
+            if self.state not in (ServerState.NEW, ServerState.MAINTENANCE) or self._stopping.is_set():
+                return self.state == ServerState.READY
             problem = jwt_secret_problem(self.jwt_secret or os.environ.get(JWT_ENV))
             if problem:
                 return self._fail(problem)  # before Tabby runs: it would exit at the first login instead
             reason = self._maintenance_reason()
             if reason:
-                self.state, self.reason = "maintenance", reason
+                self.state, self.reason = ServerState.MAINTENANCE, reason
                 log.warning("maintenance lock held (%s): not starting Tabby", reason)
                 return False
-            self.state = "hydrating"
+            self.state = ServerState.HYDRATING
             try:
                 from shared.state import mirror
 
@@ -243,7 +221,7 @@ class TabbyServer:
                 return self._fail(str(err))
             if self._stopping.is_set():
                 return False
-            self.state = "starting"
+            self.state = ServerState.STARTING
             self.supervisor = self._new_supervisor()
             try:
                 self.supervisor.start()
@@ -252,7 +230,7 @@ class TabbyServer:
                 return self._fail(err.reason)  # its last log lines are in the log just above
             self._persister = threading.Thread(target=self._persist_loop, name="persister", daemon=True)
             self._persister.start()
-            self.state = "ready"
+            self.state = ServerState.READY
             self._watcher = threading.Thread(target=self._watch, name="tabby-watch", daemon=True)
             self._watcher.start()
             return True
@@ -276,7 +254,7 @@ class TabbyServer:
 
     def _fail(self, reason: str) -> bool:
         if not self._stopping.is_set():
-            self.state, self.reason = "failed", reason
+            self.state, self.reason = ServerState.FAILED, reason
             log.error("tabby failed to start: %s", reason)
         return False
 
@@ -308,7 +286,7 @@ class TabbyServer:
             if sup is None or sup.pid is None:
                 return
             code = _wait_exit(sup.pid)
-            if self._stopping.is_set() or self.state != "ready":
+            if self._stopping.is_set() or self.state != ServerState.READY:
                 return
             if not self._recover(sup, code):
                 return
@@ -318,10 +296,10 @@ class TabbyServer:
         reached (give up: False) or the server stops. Requests get 503 "restarting" meanwhile."""
         limit, window = self.settings.restart_limit, self.settings.restart_window
         with self._start_lock:  # stop() waits for a restart step to end (each one watches `_stopping`)
-            if self._stopping.is_set() or self.state != "ready":
+            if self._stopping.is_set() or self.state != ServerState.READY:
                 return False
             how = "unknown status" if code is None else f"code {code}" if code >= 0 else f"signal {-code}"
-            self.state, self.reason = "restarting", f"it exited with {how}"
+            self.state, self.reason = ServerState.RESTARTING, f"it exited with {how}"
             lines = "".join(f"\n  | {line}" for line in crashed.tail()[-20:])
             log.error("tabby exited with %s while serving; its last lines:%s", how, lines)
             crashed.stop()  # what is left of its process group (llama-server children)
@@ -336,7 +314,7 @@ class TabbyServer:
                     )
                     return False
                 self.persist_now()  # first: keep what the crashed Tabby wrote
-                if self._stopping.is_set() or self.state == "superseded":
+                if self._stopping.is_set() or self.state == ServerState.SUPERSEDED:
                     return False
                 delay = min(self.restart_backoff * 2 ** len(self.restarts), RESTART_BACKOFF_MAX)
                 self.restarts.append(now)
@@ -360,104 +338,29 @@ class TabbyServer:
                     log.error("tabby restart failed: %s", err.reason)
                     self.supervisor.stop()
                     continue
-                self.state, self.reason = "ready", None
+                self.state, self.reason = ServerState.READY, None
                 log.info("tabby restarted: serving again")
                 return True
 
     def _give_up(self, why: str) -> None:
-        self.state, self.reason = "gave_up", f"{why}; the server exits"
+        self.state, self.reason = ServerState.GAVE_UP, f"{why}; the server exits"
         log.error("giving up on tabby: %s", why)
         self.persist_now()
         if self.on_give_up is not None:
             self.on_give_up(self.reason)
 
-    # --- persist -------------------------------------------------------------------------------------------
-    def persist_now(self, *, commit: bool = True) -> dict[str, Any] | None:
-        """One persist of the live root into the data dir, then the commit hook (unless `commit` is False).
-        Never raises: logs instead."""
-        if not self._hydrated:
-            return None  # never mirror a root we did not hydrate: it would replace the data with nothing
-        from shared.state import mirror
-
-        with self._persist_lock:
-            if self.state == "superseded":
-                return None  # never over a data dir that someone else wrote: persist_error says why
-            try:
-                result = mirror.persist(
-                    self.live_root,
-                    self.data_dir,
-                    commit=self.commit if commit else None,
-                    epoch=self._epoch,
-                    seq=self._seq,  # anyone else's persist, restore or reset since: DataDirReplaced
-                    progress=_Deadline(lambda: self._deadline),
-                )
-            except ExitDeadline as err:
-                self.persist_error = str(err)
-                log.error(
-                    "persist stopped at the exit deadline (%s): %s keeps the last complete persist's database and "
-                    "index, plus whole newer files; the rest of the changes since are lost",
-                    err,
-                    self.data_dir,
-                )
-                return None
-            except mirror.DataDirReplaced as err:
-                self._supersede(str(err))
-                return None
-            except Exception as err:
-                self.persist_error = str(err)
-                log.error("persist failed: %s", err)
-                return None
-            self._seq = result.get("seq", self._seq)
-        self.persist_error = None
-        self._epoch = result.get("epoch", self._epoch)
-        self.last_persist = result
-        self.persist_count += 1
-        if result.get("wrote_manifest", True):
-            log.info(
-                "persisted: %s changed, %s deleted, %s files (%.2fs)",
-                result.get("changed"),
-                result.get("deleted"),
-                result.get("files"),
-                result.get("seconds", 0.0),
-            )
-        return result
-
-    def _supersede(self, why: str) -> None:
-        """The data dir changed under us (a forced restore or reset, another writer): stop Tabby, stop persisting,
-        answer 503 saying so. Its writes since the last persist are dropped: the new data wins."""
-        self.persist_error = f"it was replaced under this server ({why})"
-        if self.state == "superseded":
-            return
-        self.state = "superseded"  # first: the watcher must not restart the Tabby we stop here
-        self.reason = (
-            f"its data dir {self.data_dir} was replaced (a restore, a reset or another writer), so this server "
-            "stopped serving to keep the new data: start it again to serve that"
-        )
-        log.error("data dir replaced under the server (%s): stopped serving, not persisting", why)
-        if self.supervisor is not None:
-            self.supervisor.stop()
-        # Serving 503 until someone notices helps nobody: the process ends (exit 1 locally; on Modal a fresh
-        # container hydrates the new data). Not when the stop itself found it: that exit is under way.
-        if self.on_give_up is not None and not self._stopping.is_set():
-            self.on_give_up(self.reason)
-
-    def _persist_loop(self) -> None:
-        interval = self.settings.persist_interval
-        while not self._stopping.wait(interval):  # the wait doubles as the timer and the stop signal
-            self.persist_now()
-
     # --- stop ----------------------------------------------------------------------------------------------
     def stop(self) -> dict[str, Any] | None:
         """Stop Tabby (SIGTERM to its group, then SIGKILL), persist once more, commit. Idempotent."""
         with self._stop_lock:
-            if self.state == "stopped":
+            if self.state == ServerState.STOPPED:
                 return self.last_persist
             began = time.monotonic()
             # Modal gives the exit hook ~30 s: a persist still copying at this deadline stops between two files.
             self._deadline = began + max(self.exit_budget - FINAL_RESERVE, 0.0)
             self._stopping.set()  # a start in progress gives up at its next step (wait_ready polls it)
             with self._start_lock:  # ...and is over once this is acquired
-                self.state = "stopping"
+                self.state = ServerState.STOPPING
             # Tabby first (it has no SIGTERM handler: it is gone in milliseconds). One that outlives EARLY_PERSIST
             # of its grace gets a persist pass meanwhile (safe while Tabby writes, like every periodic pass), so the
             # grace and the bulk of the copying overlap and the final pass copies only the rest.
@@ -482,31 +385,9 @@ class TabbyServer:
                 result = self.persist_now()
                 outcome = "done" if result is not None else f"not done ({self.persist_error})"
                 log.info("stop: final persist %s (%.2fs)", outcome, time.monotonic() - at)
-            self.state = "stopped"
+            self.state = ServerState.STOPPED
             log.info("stopped in %.2fs (exit budget %gs)", time.monotonic() - began, self.exit_budget)
             return result
-
-
-class ExitDeadline(Exception):
-    """A persist gave up between two files: the exit hook's time was up."""
-
-
-class _Deadline(Progress):
-    """Silent progress for a persist that stops it (between two file copies) once `deadline()` has passed."""
-
-    def __init__(self, deadline: Callable[[], float | None]) -> None:
-        super().__init__("persist")
-        self._deadline = deadline
-
-    def add(self, files: int = 0, nbytes: int = 0) -> None:
-        when = self._deadline()
-        if when is not None and time.monotonic() >= when:
-            raise ExitDeadline(f"{self.files} of {self.total_files} changed files copied")
-        self.files += files
-        self.bytes += nbytes
-
-    def finish(self) -> None:
-        pass
 
 
 def _wait_exit(pid: int) -> int | None:
@@ -519,73 +400,3 @@ def _wait_exit(pid: int) -> int | None:
     if info is None:
         return None
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-
-
-# --- Modal wiring ---------------------------------------------------------------------------------------------
-
-
-def exit_container(reason: str) -> None:
-    """Make Modal replace this container: the way Modal's own runtime shuts a container down from inside.
-
-    SIGINT to ourselves: the input loop's handler (modal._runtime.user_code_event_loop) cancels the loop, the
-    KeyboardInterrupt unwinds through the lifecycle (ASGI lifespan shutdown, our @modal.exit hook: stop, persist,
-    commit; then Modal's own Volume commit), `_container_entrypoint` catches it and the process ends; the worker
-    then starts a fresh container for the next request. os._exit alone would skip those hooks and commits, so it
-    is only the fallback, for a container still alive `EXIT_FALLBACK` s later.
-    """
-    log.error("exiting the container so that Modal starts a fresh one: %s", reason)
-    fallback = threading.Timer(EXIT_FALLBACK, os._exit, args=(1,))
-    fallback.daemon = True
-    fallback.start()
-    os.kill(os.getpid(), signal.SIGINT)
-
-
-def lease_check(settings: Settings) -> MaintenanceCheck:
-    """The maintenance-lock check: the live maintenance lease in the leases modal.Dict, described, or None."""
-    from shared.state.lease import maintenance_reason
-
-    return lambda: maintenance_reason(settings)
-
-
-def for_modal(settings: Settings, commit: Callable[[], None] | None) -> TabbyServer:
-    """The server as the Modal container runs it: /data mounted, local root on container disk, secrets in env."""
-    import os
-
-    tabby = find_tabby(settings.tabby_bin) or "/opt/tabby/bin/tabby"
-    if not os.environ.get("TABBY_WEBSERVER_JWT_TOKEN_SECRET"):
-        log.warning("TABBY_WEBSERVER_JWT_TOKEN_SECRET is not set: browser logins end with each container")
-    return TabbyServer(
-        settings,
-        data_dir=Path(settings.data_mount),
-        live_root=MODAL_LIVE_ROOT,
-        tabby_bin=tabby,
-        jwt_secret=None,  # already in the environment, from the Modal secret
-        setup_token=settings.setup_token.get_secret_value() if settings.setup_token else None,
-        commit=commit,
-        maintenance_check=lease_check(settings),
-        on_give_up=exit_container,
-        inference_endpoint=(lambda: endpoint_from_modal(settings)) if settings.inference == "split" else None,
-    )
-
-
-def function_options(settings: Settings, *, volume: Any = None, secret: Any = None) -> dict[str, Any]:
-    """Keyword arguments for the server's `app.cls(...)` (the image is the caller's). Builds no network call."""
-    import modal
-
-    if volume is None:
-        volume = modal.Volume.from_name(
-            settings.data_volume, create_if_missing=True, environment_name=settings.modal_environment
-        )
-    if secret is None:
-        secret = modal.Secret.from_name(settings.secret_name, environment_name=settings.modal_environment)
-    return {
-        "gpu": settings.gpu_spec(),
-        **split_options(settings),  # split mode (issue 20): no GPU, CPU and memory from settings
-        "volumes": {settings.data_mount: volume},
-        "secrets": [secret],
-        "max_containers": 1,  # one SQLite writer, one writer of /data
-        "scaledown_window": settings.scaledown_window,
-        "timeout": settings.request_timeout,  # per request: an ASGI input is one HTTP request
-        "startup_timeout": settings.startup_timeout + STARTUP_MARGIN,
-        "env": settings.container_env(),
-    }
