@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -368,9 +369,9 @@ class Settings(BaseSettings):
         parts = self.gpu.split(",")
         return parts[0] if len(parts) == 1 else parts
 
-    def local_dirs(self, local: str | os.PathLike[str] | None = None) -> dict[str, Path]:
-        root = Path(local or self.local_root)
-        return {"root": root, "data": root / "data", "backups": root / "backups", "live": root / "live"}
+    def local_dirs(self, local: str | os.PathLike[str] | None = None) -> LocalDirs:
+        """The `--local DIR` layout of DIR (default: `local_root`)."""
+        return LocalDirs.at(local or self.local_root)
 
     def container_env(self) -> dict[str, str]:
         """Resolved non-secret settings as env vars, for a Modal function's `env=`.
@@ -383,6 +384,31 @@ class Settings(BaseSettings):
                 continue
             env[ENV_PREFIX + name.upper()] = str(value)
         return env
+
+
+@dataclass(frozen=True)
+class LocalDirs:
+    """The `--local DIR` layout, known here only: DIR/data stands for the data Volume, DIR/backups for the backups
+    Volume, DIR/locks holds the leases (the modal.Dict's stand-in), DIR/live is the root `serve --local` runs Tabby
+    in. `dirs["data"]` reads like `dirs.data` for the callers written against the former dict."""
+
+    root: Path
+    data: Path
+    backups: Path
+    locks: Path
+    live: Path
+
+    # The folders that make DIR a tabby-modal folder (a DIR with none of them is a typo or the wrong folder).
+    STORE_PARTS = ("data", "backups", "locks")
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> LocalDirs:
+        root = Path(root)
+        return cls(root, root / "data", root / "backups", root / "locks", root / "live")
+
+    def __getitem__(self, name: str) -> Path:
+        path: Path = getattr(self, name)
+        return path
 
 
 def _check_model(v: str, *, allow_empty: bool) -> str:

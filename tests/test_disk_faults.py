@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 
-from shared.operations.local import LocalOps
 from shared.state import atomic, database, mirror
 from shared.state.atomic import DiskFull, sync_fs, write_stream
 from shared.state.store import Store
@@ -257,39 +256,40 @@ def test_snapshot_and_restore_on_a_full_disk(tmp_path: Path, small_disk: Callabl
     """A snapshot that does not fit leaves no manifest and no temp pack or blob; a restore whose staging does not
     fit leaves the data dir as it was, with no pending marker."""
     disk = small_disk(16 << 20)
-    ops = LocalOps(disk / "data", disk / "backups")
+    # The engine itself (what the local form runs under its leases), on DIR/data and DIR/backups.
+    data, store = disk / "data", Store.open(disk / "backups")
     live = live_root(tmp_path / "live")
-    ops.persist(live)
+    mirror.persist(live, data)
     data_big = hashes(disk / "data")
-    big_id = ops.snapshot("big")["id"]
+    big_id = store.snapshot(data, "big")["id"]
 
     # The next state drops big.bin (a restore of `big` must write it again) and adds new.bin.
     (live / "big.bin").unlink()
     (live / "new.bin").write_bytes(os.urandom(1_500_000))
-    ops.persist(live)
+    mirror.persist(live, data)
     data_small = hashes(disk / "data")
     backups_before = hashes(disk / "backups", skip=("lock",))
 
     leave_free(disk, 1_000_000)
     with pytest.raises(DiskFull, match=f"^disk full on {disk} .*needs 1.4 MiB \\(1500000 bytes\\)"):
-        ops.snapshot("nofit")
+        store.snapshot(data, "nofit")
     assert hashes(disk / "backups", skip=("lock",)) == backups_before  # no manifest, no blob, no pack
     assert not temp_files(disk)
     assert hashes(disk / "data") == data_small
 
     (disk / "filler").unlink()
-    ops.snapshot("small")  # so the restore's safety snapshot below fits (it only adds a manifest)
+    store.snapshot(data, "small")  # so the restore's safety snapshot below fits (it only adds a manifest)
     leave_free(disk, 1_000_000)
     # Restore lays the database down first, so whichever file meets the full disk is named.
     with pytest.raises(DiskFull, match=f"^disk full on {disk} \\(writing .*restore-staging-.*\\): needs "):
-        ops.restore(big_id)
+        store.restore(big_id, data)
     assert hashes(disk / "data") == data_small
     assert_manifest_true(disk / "data")
     assert not temp_files(disk)
     assert mirror.pending_info(disk / "data") is None
 
     (disk / "filler").unlink()
-    ops.restore(big_id)
+    store.restore(big_id, data)
     assert hashes(disk / "data") == data_big
 
 
@@ -337,29 +337,30 @@ def file_size_limit(limit: int) -> Iterator[None]:
 
 def test_file_size_limit_persist_snapshot_restore(tmp_path: Path) -> None:
     """EFBIG in persist (an existing data dir), snapshot and restore: nothing torn, nothing half-published."""
-    ops = LocalOps(tmp_path / "data", tmp_path / "backups")
+    # The engine itself (what the local form runs under its leases), on DIR/data and DIR/backups.
+    data, store = tmp_path / "data", Store.open(tmp_path / "backups")
     live = live_root(tmp_path / "live", big=False)
-    ops.persist(live)
-    sid = ops.snapshot("small")["id"]
+    mirror.persist(live, data)
+    sid = store.snapshot(data, "small")["id"]
     before, backups_before = hashes(tmp_path / "data"), hashes(tmp_path / "backups", skip=("lock",))
     (live / "big.bin").write_bytes(os.urandom(BIG))
     with file_size_limit(ROOM), pytest.raises(DiskFull, match="file size limit reached"):
-        ops.persist(live)
+        mirror.persist(live, data)
     assert hashes(tmp_path / "data") == before
     assert mirror.pending_info(tmp_path / "data") is None
     assert_manifest_true(tmp_path / "data")
 
-    ops.persist(live)
+    mirror.persist(live, data)
     with file_size_limit(ROOM), pytest.raises(DiskFull, match="file size limit reached"):
-        ops.snapshot("big")
+        store.snapshot(data, "big")
     assert hashes(tmp_path / "backups", skip=("lock",)) == backups_before
     assert not temp_files(tmp_path / "backups")
 
-    big_id = ops.snapshot("big")["id"]
-    ops.restore(sid)
+    big_id = store.snapshot(data, "big")["id"]
+    store.restore(sid, data)
     small = hashes(tmp_path / "data")
     with file_size_limit(ROOM), pytest.raises(DiskFull, match="file size limit reached"):
-        ops.restore(big_id)
+        store.restore(big_id, data)
     assert hashes(tmp_path / "data") == small
     assert mirror.pending_info(tmp_path / "data") is None
     assert not temp_files(tmp_path)

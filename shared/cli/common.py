@@ -9,7 +9,6 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -93,11 +92,6 @@ def get_settings(**overrides: Any) -> Settings:
         return load_settings(**overrides)
     except SettingsError as err:
         raise CommandError(str(err)) from None
-
-
-def local_dirs(settings: Settings, local: str | None) -> dict[str, Path]:
-    """`--local DIR`: DIR/data stands for the data Volume, DIR/backups for the backups Volume."""
-    return settings.local_dirs(local)
 
 
 def has_modal_credentials() -> bool:

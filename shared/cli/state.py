@@ -10,7 +10,7 @@ import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,9 +29,13 @@ from shared.cli.common import (
     require_modal_credentials,
 )
 from shared.operations.forms import open_ops
+from shared.settings import LocalDirs
 from shared.state.atomic import StateError, disk_full, is_disk_full
 from shared.state.progress import mib
 from shared.state.store.core import check_label
+
+if TYPE_CHECKING:
+    from shared.operations.interface import Operations
 
 
 @contextlib.contextmanager
@@ -48,7 +52,7 @@ def _refusals() -> Iterator[None]:
 
 
 # Folders a `--local DIR` holds; a DIR with none of them is not one (a typo, or the wrong folder).
-STORE_PARTS = ("data", "backups", "locks")
+STORE_PARTS = LocalDirs.STORE_PARTS
 CREATORS = "`persist`, `import` and `serve` start one"
 
 
@@ -61,7 +65,7 @@ def check_local(local: str, creates: bool = False) -> None:
         return
     if not root.is_dir():
         raise CommandError(f"--local {local}: no such directory ({CREATORS})")
-    if not any((root / part).is_dir() for part in STORE_PARTS):
+    if not any(LocalDirs.at(root)[part].is_dir() for part in STORE_PARTS):
         raise CommandError(
             f"--local {local}: not a tabby-modal folder (no {', '.join(p + '/' for p in STORE_PARTS)} in it; "
             f"{CREATORS})"
@@ -86,7 +90,7 @@ def kept_only_on_success(local: str | None, *parts: str) -> Iterator[None]:
         raise
 
 
-def ops_for(local: str | None, *, creates: bool = False) -> Any:
+def ops_for(local: str | None, *, creates: bool = False) -> Operations:
     """The local form on DIR/data and DIR/backups, or the deployed maintenance app (credentials checked first).
     A `--local DIR` must already be a tabby-modal folder unless the command `creates` one (see `check_local`)."""
     if local is None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shared.operations.maintenance import for_local
 from shared.operations.remote import RemoteOps
 
 if TYPE_CHECKING:
+    from shared.operations.interface import Operations
     from shared.settings import Settings
 
 
-def open_ops(settings: Settings, local: str | None) -> Any:
+def open_ops(settings: Settings, local: str | None) -> Operations:
     """`--local DIR`: the maintenance rules over DIR/data and DIR/backups; else the deployed maintenance app."""
     if local is not None:
         return for_local(settings, local)

@@ -1,6 +1,8 @@
 """The maintenance role: state operations on the two Volumes, with the rules that keep them safe.
 
-`Maintenance` wraps `LocalOps` (the state engine on two directories) with what running on Modal adds:
+`Maintenance` runs the state engine (`shared.state`: the store, the mirror, inspection) on two directories, the
+data dir (on Modal the `/data` Volume; locally `DIR/data`) and the backups dir (`/backups`; locally `DIR/backups`),
+with the rules that keep it safe; it is the local form of `shared.operations.interface.Operations`:
 - **Volumes.** Each operation reloads the Volumes it reads first (a warm container would otherwise see an old
   view, e.g. miss the server's last persist) and commits exactly the Volumes it wrote, backups before data (so a
   safety snapshot is durable before the data it protects changes). Locally both are None: plain directories.
@@ -15,7 +17,7 @@
 - **Confirmation.** `restore`, `reset` and `prune` (not dry-run) need `confirm` equal to the data Volume's name:
   `tabby-modal` passes it after its two-signal check; an ad hoc `modal run` must spell it out.
 
-Results are the same JSON-serialisable dicts as `LocalOps`. Refusals are StateError (one line).
+Results are JSON-serialisable dicts (the same as the remote form's). Refusals are StateError (one line).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.operations import versions
-from shared.operations.local import LocalOps
-from shared.state import archive, lease, locks, mirror, serve_lock
+from shared.state import archive, inspection, lease, locks, mirror, serve_lock
 from shared.state.atomic import StateError
+from shared.state.progress import DEFAULT_INTERVAL, Progress
+from shared.state.store import Store
 from shared.state.store.core import check_label
 from shared.state.store.prune import KEEP_SAFETY
 
@@ -52,18 +55,27 @@ class Maintenance:
 
     def __init__(
         self,
-        ops: LocalOps,
+        data_dir: Path,
+        backups_dir: Path,
         *,
         locks: lease.DictLike,
         data_volume_name: str,
         lock_ttl: float,
+        lock_wait: float = 30.0,
+        progress_interval: float = DEFAULT_INTERVAL,
         data: VolumeLike | None = None,
         backups: VolumeLike | None = None,
         server_containers: Callable[[], int] | None = None,
         serve_dir: Path | None = None,
         store_wait: float | None = None,
     ) -> None:
-        self.ops = ops
+        self.data_dir = Path(data_dir)
+        self.backups_dir = Path(backups_dir)
+        self.progress_interval = progress_interval
+        # `lock_wait`: how long the store's lock file is waited for; `store_wait`: the store lease (a run elsewhere).
+        self.store = Store.open(
+            self.backups_dir, lock_ttl=lock_ttl, lock_wait=lock_wait, progress=self.progress
+        )
         self.locks = locks
         self.data_volume_name = data_volume_name
         self.lock_ttl = lock_ttl
@@ -75,6 +87,10 @@ class Maintenance:
         self.flag = f" --local {serve_dir}" if serve_dir is not None else ""  # how commands are spelled here
 
     # --- plumbing ---------------------------------------------------------------------------------------------
+
+    def progress(self, label: str) -> Progress:
+        """A progress reporter for a long run, printing at most every `progress_interval` seconds."""
+        return Progress(label, interval=self.progress_interval)
 
     def _reload(self, *volumes: VolumeLike | None) -> None:
         for v in volumes:
@@ -162,21 +178,22 @@ class Maintenance:
 
     def snapshots(self) -> dict[str, Any]:
         self._reload(self.backups)
-        return self.ops.snapshots()
+        stats = self.store.stats()
+        return {"snapshots": self.store.list(), **stats}
 
     def inspect(self, snapshot_id: str | None = None) -> dict[str, Any]:
         self._reload(self.data, self.backups)
-        result = {**self.ops.inspect(snapshot_id), "locks": self._locks_status()}
-        if result.get("interrupted") and (info := mirror.unfinished_change(self.ops.data_dir)):
+        result = {**inspection.inspect(self.data_dir, self.store, snapshot_id), "locks": self._locks_status()}
+        if result.get("interrupted") and (info := mirror.unfinished_change(self.data_dir)):
             finish, back = mirror.finish_commands(info, self.flag)
             result["interrupted"].update(next=mirror.next_step(info, self.flag), finish=finish, rollback=back)
-        return versions.annotate(result, self.ops.backups_dir)  # which Tabby runs / wrote this database
+        return versions.annotate(result, self.backups_dir)  # which Tabby runs / wrote this database
 
     def verify(self, snapshot_id: str | None = None, sample: float | None = None) -> dict[str, Any]:
         # Holds the store lease: a prune in another container must not delete blobs under a verify.
         with self._lease(lease.STORE, "verify", wait=self.store_wait):
             self._reload(self.backups)
-            result = self.ops.verify(snapshot_id, sample)
+            result = self.store.verify(snapshot_id, sample)
             if result.get("corrupt"):  # quarantined (store.quarantine): the next snapshot must see it
                 self._commit(self.backups)
             return result
@@ -185,19 +202,19 @@ class Maintenance:
 
     def _need_data_dir(self) -> None:
         """Refused before any lock is taken, so a run that cannot work creates nothing (no lock dirs, no store)."""
-        if not self.ops.data_dir.is_dir():
-            raise StateError(f"data dir {self.ops.data_dir} does not exist")
+        if not self.data_dir.is_dir():
+            raise StateError(f"data dir {self.data_dir} does not exist")
 
     def _need_store(self) -> None:
-        if not self.ops.backups_dir.is_dir():
-            raise StateError(f"no snapshots yet (no backups store at {self.ops.backups_dir})")
+        if not self.backups_dir.is_dir():
+            raise StateError(f"no snapshots yet (no backups store at {self.backups_dir})")
 
     def snapshot(self, label: str = "manual") -> dict[str, Any]:
         """Allowed while the server runs: it takes the last complete persist (manifest-consistent)."""
         self._need_data_dir()
         with self._writing_store("snapshot"), self._spelled():
             self._reload(self.data)
-            return self.ops.snapshot(label)
+            return self.store.snapshot(self.data_dir, label)
 
     def prune(
         self,
@@ -211,10 +228,21 @@ class Maintenance:
         self._reload(self.backups)
         self._need_store()
         if dry_run:
-            return self.ops.prune(keep_last, keep_daily, keep_weekly, dry_run=True, keep_safety=keep_safety)
+            return self._prune(keep_last, keep_daily, keep_weekly, True, keep_safety)
         self._confirm("prune", confirm)
         with self._writing_store("prune"):
-            return self.ops.prune(keep_last, keep_daily, keep_weekly, keep_safety=keep_safety)
+            return self._prune(keep_last, keep_daily, keep_weekly, False, keep_safety)
+
+    def _prune(
+        self, keep_last: int, keep_daily: int, keep_weekly: int, dry_run: bool, keep_safety: int
+    ) -> dict[str, Any]:
+        """The pre-upgrade snapshot of the last upgrade recorded (shared.operations.versions) is kept whatever the
+        counts say: it is the way back."""
+        current = versions.read(self.backups_dir)["current"] or {}
+        pinned = frozenset({str(current["snapshot"])} if current.get("snapshot") else ())
+        return self.store.prune(
+            keep_last, keep_daily, keep_weekly, dry_run=dry_run, keep_safety=keep_safety, pinned=pinned
+        )
 
     def scheduled(
         self, keep_last: int, keep_daily: int, keep_weekly: int, keep_safety: int = KEEP_SAFETY
@@ -233,10 +261,10 @@ class Maintenance:
         self._need_store()
         if dry_run:
             with self._lease(lease.STORE, "repair", wait=self.store_wait):
-                return self.ops.repair(dry_run=True)
+                return self.store.repair(self.data_dir, dry_run=True)
         self._confirm("repair", confirm)
         with self._writing_store("repair"):
-            return self.ops.repair()
+            return self.store.repair(self.data_dir, dry_run=False)
 
     def export_archive(
         self, snapshot_id: str, out: Path, *, overwrite: bool = False, partial: bool = False
@@ -247,9 +275,9 @@ class Maintenance:
             return self._export(snapshot_id, Path(out), overwrite, partial)
 
     def _export(self, snapshot_id: str, out: Path, overwrite: bool, partial: bool = False) -> dict[str, Any]:
-        progress = self.ops.progress("export")
+        progress = self.progress("export")
         return archive.export_snapshot(
-            self.ops.store, snapshot_id, out, progress=progress, overwrite=overwrite, partial=partial
+            self.store, snapshot_id, out, progress=progress, overwrite=overwrite, partial=partial
         )
 
     def import_archive(
@@ -261,7 +289,7 @@ class Maintenance:
         with self._writing_store("import"):
             try:
                 return archive.import_archive(
-                    self.ops.store, Path(path), label=label, progress=self.ops.progress("import")
+                    self.store, Path(path), label=label, progress=self.progress("import")
                 )
             finally:
                 if remove_after:
@@ -291,7 +319,7 @@ class Maintenance:
         if not name or "/" in name or name.startswith(".") or not name.endswith(".tar.gz"):
             raise StateError(f"bad transfer name {name!r}")
         rel = f"{TRANSFER_DIR}/{name}"
-        return rel, self.ops.backups_dir / rel
+        return rel, self.backups_dir / rel
 
     # --- writes to /data --------------------------------------------------------------------------------------
 
@@ -308,10 +336,11 @@ class Maintenance:
     ) -> dict[str, Any]:
         self._confirm(f"restore {snapshot_id}", confirm)
         self._reload(self.backups)
-        self.ops.store.resolve(snapshot_id)  # an unknown id is refused before any lease is taken
+        self.store.resolve(snapshot_id)  # an unknown id is refused before any lease is taken
         with self._writing_data("restore", force), self._spelled():
-            return self.ops.restore(
-                snapshot_id, force=force, guard=self.server_containers is None, partial=partial
+            # guard: the store's recent-persist heuristic, for the form that cannot ask Modal whether a server runs
+            return self.store.restore(
+                snapshot_id, self.data_dir, force=force, guard=self.server_containers is None, partial=partial
             )
 
     def reset(self, scope: str, force: bool = False, confirm: str = "") -> dict[str, Any]:
@@ -319,7 +348,7 @@ class Maintenance:
         self._reload(self.data)
         self._need_data_dir()
         with self._writing_data(f"reset {scope}", force), self._spelled():
-            return self.ops.reset(scope, force=force, guard=self.server_containers is None)
+            return self.store.reset(self.data_dir, scope, force=force, guard=self.server_containers is None)
 
     # --- leases -----------------------------------------------------------------------------------------------
 
@@ -333,7 +362,7 @@ class Maintenance:
         return self._locks_status()
 
     def _locks_status(self) -> dict[str, Any]:
-        file_lock = locks.status(self.ops.backups_dir, self.lock_ttl, self._file_lock_vouch())
+        file_lock = locks.status(self.backups_dir, self.lock_ttl, self._file_lock_vouch())
         return {**lease.status(self.locks), "store_file": file_lock}
 
     def unlock(self, force: bool = False) -> dict[str, Any]:
@@ -342,10 +371,10 @@ class Maintenance:
         self._reload(self.backups)
         result = lease.break_leases(self.locks, force)
         if force:
-            gone = locks.break_lock(self.ops.backups_dir)
+            gone = locks.break_lock(self.backups_dir)
         else:
-            gone = locks.break_if_stale(self.ops.backups_dir, self.lock_ttl, self._file_lock_vouch())
-            still = locks.read_lock(self.ops.backups_dir)
+            gone = locks.break_if_stale(self.backups_dir, self.lock_ttl, self._file_lock_vouch())
+            still = locks.read_lock(self.backups_dir)
             if still is not None:
                 result["held"]["store_file"] = still
         if gone is not None:
@@ -355,11 +384,12 @@ class Maintenance:
 
     # --- local only -------------------------------------------------------------------------------------------
 
-    def persist(self, root: Path, **kwargs: Any) -> dict[str, Any]:
-        """Refused while `serve --local DIR` runs: its persists would find the data dir written by someone else."""
+    def persist(self, root: Path, *, commit: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Mirror live root `root` into the data dir (see mirror.persist). Refused while `serve --local DIR` runs:
+        its persists would find the data dir written by someone else."""
         self._not_served("persist")
         with self._spelled():
-            return self.ops.persist(root, **kwargs)
+            return mirror.persist(Path(root), self.data_dir, commit=commit, progress=self.progress("persist"))
 
     def hydrate(self, root: Path) -> dict[str, Any]:
         """Refused into DIR (its live root above all) while `serve --local DIR` runs: Tabby works in it. A copy
@@ -367,7 +397,7 @@ class Maintenance:
         if self.serve_dir is not None and _overlap(Path(root), self.serve_dir):
             self._not_served(f"hydrate into {root}")
         with self._spelled():
-            return self.ops.hydrate(root)
+            return mirror.hydrate(self.data_dir, Path(root), progress=self.progress("hydrate"))
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -381,16 +411,13 @@ def for_local(settings: Settings, local: str | Path | None) -> Maintenance:
     serve lock (held while `serve --local DIR` runs)."""
     dirs = settings.local_dirs(local)
     return Maintenance(
-        LocalOps(
-            dirs["data"],
-            dirs["backups"],
-            lock_ttl=settings.lock_ttl,
-            progress_interval=settings.progress_interval,
-        ),
-        locks=lease.DirDict(dirs["root"] / "locks"),
+        dirs.data,
+        dirs.backups,
+        locks=lease.DirDict(dirs.locks),
         data_volume_name=settings.data_volume,
         lock_ttl=settings.lock_ttl,
-        serve_dir=dirs["root"],
+        progress_interval=settings.progress_interval,
+        serve_dir=dirs.root,
         store_wait=settings.lock_wait,
     )
 
@@ -416,16 +443,13 @@ def server_containers(settings: Settings) -> Callable[[], int]:
 def for_modal(settings: Settings, *, data: VolumeLike, backups: VolumeLike) -> Maintenance:
     """What the maintenance app's functions run: the mounted Volumes, the leases Dict, the server check."""
     return Maintenance(
-        LocalOps(
-            Path(settings.data_mount),
-            Path(settings.backups_mount),
-            lock_ttl=settings.lock_ttl,
-            lock_wait=60.0,
-            progress_interval=settings.progress_interval,
-        ),
+        Path(settings.data_mount),
+        Path(settings.backups_mount),
         locks=lease.modal_dict(settings),
         data_volume_name=settings.data_volume,
         lock_ttl=settings.lock_ttl,
+        lock_wait=60.0,
+        progress_interval=settings.progress_interval,
         data=data,
         backups=backups,
         server_containers=server_containers(settings),

@@ -1,4 +1,4 @@
-"""The remote form of the state operations: the same calls as `Maintenance`, run by the deployed maintenance app.
+"""The remote form of the state operations (`interface.Operations`), run by the deployed maintenance app.
 
 `tabby-modal snapshot` (no `--local`) ends up here: each call looks the app's function up by name and runs it
 remotely; the result is the same dict the local form returns. Archives travel through the backups Volume's

@@ -28,7 +28,7 @@ def for_local(
         jwt_secret=jwt_secret,
         setup_token=settings.setup_token.get_secret_value() if settings.setup_token else None,
         # A `restore`/`reset --local DIR` holds its lease in DIR/locks: Tabby waits (503) until it ends.
-        maintenance_check=lambda: lease.reason(lease.DirDict(dirs["root"] / "locks")),
+        maintenance_check=lambda: lease.reason(lease.DirDict(dirs["locks"])),
         maintenance_recheck=1.0,  # a local file read: cheap enough to look every second
     )
     server.on_tabby_spawn = on_tabby_spawn  # so the next `serve` can end it if this one is killed
