@@ -3,11 +3,12 @@
 A lease is one Dict entry `{op, owner, token, since, expires, host, pid, proc_start}` taken with
 `put(key, value, skip_if_exists=True)`, the Dict's atomic put-if-absent: of two runs asking at once exactly one gets
 it. A holder refreshes its entry while it works (a heartbeat every third of `ttl`), so a long restore keeps its
-lease. The same lock model as `shared.state.locks.store_lock`: a holder on this host whose process is gone is taken over at
-once; elsewhere (another Modal container) its entry expires `ttl` seconds after its last heartbeat; both with a log
-line. A waiting run says who it waits for every few seconds; `tabby-modal unlock` breaks leases explicitly. The
-store lock file a run takes under its store lease carries the lease (`vouch()`), so a run in another container can
-break a dead run's lock file as soon as that run's lease is gone.
+lease. The same lock model as `shared.state.locks.store_lock`: a holder on this host whose process is gone is
+taken over at once; elsewhere (another Modal container) its entry expires `ttl` seconds after its last heartbeat;
+both with a log line. A waiting run says who it waits for every few seconds (`shared.state.locks.waiting`, the
+loop the store lock waits with too); `tabby-modal unlock` breaks leases explicitly. The store lock file a run
+takes under its store lease carries the lease (`vouch()`), so a run in another container can break a dead run's
+lock file as soon as that run's lease is gone.
 
 Any object with `get(key, default)`, `put(key, value, *, skip_if_exists)` and `pop(key, default)` works as the Dict:
 `modal.Dict` on Modal, `DirDict` (one JSON file per key) for `--local` runs and tests.
