@@ -4,7 +4,7 @@
   view stay invisible to every other view until `commit()` publishes them (whole files, last writer wins), and a
   view sees others' commits only after `reload()`; a reload drops what was not committed. So a function that forgets
   to commit, or to reload before it reads, fails the tests as it would fail on Modal.
-- The Dict is `shared.state.lease.DirDict`: the same atomic put-if-absent as `modal.Dict.put(skip_if_exists=True)`.
+- The Dict is `shared.state.locks.lease.DirDict`: the same atomic put-if-absent as `modal.Dict.put(skip_if_exists=True)`.
 - `FakeModal.lookup(name)` stands for `modal.Function.from_name(app, name)`: `.remote(**kw)` runs the real body of
   the function in `apps/maintenance.py` (via `Function.local`) in a "maintenance container" whose Modal objects are
   these fakes; an undeployed app raises NotFoundError like Modal's lookup.
@@ -26,7 +26,7 @@ import pytest
 from modal.exception import NotFoundError
 
 from shared.operations import maintenance
-from shared.state import lease
+from shared.state.locks import lease
 
 _COMMITS = itertools.count()  # orders commits across Volumes
 

@@ -16,7 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from shared.state.lease import DirDict, Lease
+from shared.state.locks.lease import DirDict, Lease
 from tests.conftest import BIN, clean_env, run_cli
 from tests.harness import free_port, poll, tabby_wrapper
 from tests.tabby_root import make_root

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from shared.state import lease
-from shared.state.lease import DirDict, Lease, LeaseHeld
+from shared.state.locks import lease
+from shared.state.locks.lease import DirDict, Lease, LeaseHeld
 from tests.conftest import REPO, run_cli
 from tests.harness import poll
 from tests.tabby_root import make_root, tree_state
@@ -23,7 +23,7 @@ ALLOW = {"TABBY_MODAL_ALLOW_DESTRUCTIVE": "1"}
 RACER = """
 import sys
 from pathlib import Path
-from shared.state.lease import DirDict, Lease, LeaseHeld
+from shared.state.locks.lease import DirDict, Lease, LeaseHeld
 go = Path(sys.argv[2])
 while not go.exists():
     pass

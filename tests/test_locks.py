@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.state import lease, locks
-from shared.state.lease import DirDict, Lease
-from shared.state.locks import LockHeld, StoreLock
+from shared.state.locks import lease
+from shared.state.locks import store_lock as locks
+from shared.state.locks.lease import DirDict, Lease
+from shared.state.locks.store_lock import LockHeld, StoreLock
 from tests.conftest import BIN, REPO, clean_env, run_cli
 from tests.harness import poll
 from tests.tabby_root import make_root, tree_state
@@ -125,7 +126,8 @@ def test_inspect_shows_a_dead_holder_and_plain_unlock_breaks_it(big_box, tmp_pat
 HOLDER = """
 import sys
 from pathlib import Path
-from shared.state import lease, locks
+from shared.state.locks import lease
+from shared.state.locks import store_lock as locks
 held = lease.Lease(lease.DirDict(Path(sys.argv[1]) / "locks"), "store", "prune", ttl=600, owner="colleague")
 with held, locks.vouched_by(held.vouch()), locks.StoreLock(Path(sys.argv[1]) / "backups", "prune"):
     print("held", flush=True)

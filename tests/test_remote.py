@@ -12,8 +12,9 @@ import pytest
 
 from shared.operations import maintenance
 from shared.settings import load_settings
-from shared.state import lease, mirror
+from shared.state import mirror
 from shared.state.atomic import StateError
+from shared.state.locks import lease
 from shared.state.store import Store
 from tests.fake_modal import FakeModal
 from tests.tabby_root import make_root, tree_state

@@ -156,7 +156,7 @@ def test_serve_local_start_failure_exits_1_with_the_reason(tmp_path):
 
 
 def test_serve_local_waits_for_a_local_restore_lease(tmp_path):
-    from shared.state.lease import DirDict, Lease
+    from shared.state.locks.lease import DirDict, Lease
 
     local = tmp_path / "state"
     held = Lease(DirDict(local / "locks"), "maintenance", "restore", ttl=600, owner="ops").acquire()

@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.state import serve_lock
-from shared.state.locks import _proc_stat
+from shared.state.locks import serve_lock
+from shared.state.locks.holder import proc_stat as _proc_stat
 from tests.conftest import BIN, clean_env, run_cli
 from tests.harness import free_port, poll, port_open, tabby_wrapper
 from tests.test_serve_local import SETUP, wait_ready

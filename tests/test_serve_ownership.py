@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.state import mirror, serve_lock
-from shared.state.serve_lock import DirInUse, ServeLock
+from shared.state import mirror
+from shared.state.locks import serve_lock
+from shared.state.locks.serve_lock import DirInUse, ServeLock
 from shared.state.store import Store
 from tests.conftest import BIN, clean_env, run_cli
 from tests.harness import free_port, poll, tabby_wrapper
@@ -77,7 +78,7 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     assert not root.exists()
     # A holder in another process; SIGKILL frees DIR at once (the kernel drops the flock).
     code = (
-        "import sys, time; from shared.state.serve_lock import ServeLock;"
+        "import sys, time; from shared.state.locks.serve_lock import ServeLock;"
         f"ServeLock({str(root)!r}).acquire(port=1234); print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

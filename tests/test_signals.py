@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from shared.state import mirror
-from shared.state.lease import DirDict
+from shared.state.locks.lease import DirDict
 from shared.state.store import Store
 from tests.conftest import BIN, clean_env
 from tests.harness import poll

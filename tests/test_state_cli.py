@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.state.serve_lock import ServeLock
+from shared.state.locks.serve_lock import ServeLock
 from shared.state.store import Store
 from tests.conftest import run_cli
 from tests.tabby_root import make_root, tree_state

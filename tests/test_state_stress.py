@@ -22,7 +22,7 @@ import pytest
 
 from shared.state import database, mirror
 from shared.state.atomic import write_stream
-from shared.state.locks import LOCK_NAME
+from shared.state.locks.store_lock import LOCK_NAME
 from shared.state.store import Store
 from tests.conftest import REPO
 from tests.tabby_root import make_root, tantivy_commit

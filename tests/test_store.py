@@ -18,7 +18,7 @@ import pytest
 
 from shared.state import database, inspection, mirror
 from shared.state.atomic import HashMismatch, StateError, hash_file
-from shared.state.locks import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
+from shared.state.locks.store_lock import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
 from shared.state.mirror import Entry
 from shared.state.progress import Progress
 from shared.state.store import DirectoryBackend, Snapshot, Store, UnknownSnapshot, blob_name, snapshot_name
@@ -647,7 +647,7 @@ def test_owner_detection_without_is_admin(tmp_path, columns, row, owner):
 
 HOLDER = """
 import sys, time
-from shared.state.locks import StoreLock
+from shared.state.locks.store_lock import StoreLock
 StoreLock(sys.argv[1], "snapshot").acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -706,7 +706,7 @@ def test_an_empty_lock_file_is_a_holder_mid_write_until_it_is_old(tmp_path):
 
 CONTENDER = """
 import os, sys
-from shared.state.locks import StoreLock
+from shared.state.locks.store_lock import StoreLock
 log = sys.argv[2]
 for i in range(15):
     with StoreLock(sys.argv[1], "op", wait=60):

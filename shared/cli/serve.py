@@ -86,7 +86,7 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
     from shared.operations import local_server
     from shared.serving.supervisor import find_tabby
     from shared.state.atomic import StateError
-    from shared.state.serve_lock import ServeLock
+    from shared.state.locks.serve_lock import ServeLock
 
     settings = get_settings()
     tabby = find_tabby(settings.tabby_bin)
@@ -124,7 +124,7 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
 
 def _end_orphan(owner: Any) -> None:
     """A Tabby left running by a `serve` of DIR that died (SIGKILL): end its process group before starting."""
-    from shared.state.serve_lock import end_orphan, tabby_of
+    from shared.state.locks.serve_lock import end_orphan, tabby_of
 
     found = tabby_of(owner.previous)
     if found is not None:

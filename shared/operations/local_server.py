@@ -1,7 +1,7 @@
 """The local server (`tabby-modal serve --local DIR`) seen from outside: who serves DIR, probing, stop and start.
 
 `serve --local DIR` holds DIR/serve.lock for its whole life with a record {pid, host, started, port}
-(shared/state/serve_lock.py). `status --local DIR` reads it; `upgrade --local DIR` stops that process (SIGTERM: Tabby
+(shared/state/locks/serve_lock.py). `status --local DIR` reads it; `upgrade --local DIR` stops that process (SIGTERM: Tabby
 stops and the state is persisted), then starts a new one in the background with another Tabby binary, its output in
 DIR/serve.log: the local form of a deploy.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.state.atomic import StateError
-from shared.state.serve_lock import holder
+from shared.state.locks.serve_lock import holder
 
 LOG_FILE = "serve.log"
 

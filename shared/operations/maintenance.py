@@ -6,11 +6,11 @@ with the rules that keep it safe; it is the local form of `shared.operations.int
 - **Volumes.** Each operation reloads the Volumes it reads first (a warm container would otherwise see an old
   view, e.g. miss the server's last persist) and commits exactly the Volumes it wrote, backups before data (so a
   safety snapshot is durable before the data it protects changes). Locally both are None: plain directories.
-- **Leases** (`shared.state.lease`, a modal.Dict): `restore` and `reset` hold the `maintenance` lease for their whole run,
+- **Leases** (`shared.state.locks.lease`, a modal.Dict): `restore` and `reset` hold the `maintenance` lease for their whole run,
   which the server checks before it starts; every run that writes the backups store holds the `store` lease, so a
   scheduled snapshot in one container and a prune in another never interleave.
 - **Never two writers of /data.** `restore` and `reset` refuse while the server app has running containers
-  (locally: while `serve --local DIR` holds DIR's serve lock, `shared.state.serve_lock`); locally `persist` into
+  (locally: while `serve --local DIR` holds DIR's serve lock, `shared.state.locks.serve_lock`); locally `persist` into
   DIR/data and `hydrate` into DIR's live root refuse too (one writer per DIR: the server's own persists).
 - **No half-done state passes for one.** A data dir an interrupted restore or reset left (its pending marker) is
   refused by hydrate, persist and snapshot with the command that finishes it, spelled for this form.
@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.operations import versions
-from shared.state import archive, inspection, lease, locks, mirror, serve_lock
+from shared.state import archive, inspection, mirror
 from shared.state.atomic import StateError
+from shared.state.locks import lease, serve_lock
+from shared.state.locks import store_lock as locks
 from shared.state.progress import DEFAULT_INTERVAL, Progress
 from shared.state.store import Store
 from shared.state.store.core import check_label

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.operations.maintenance import TRANSFER_DIR
-from shared.state import archive, lease, locks
+from shared.state import archive
 from shared.state.atomic import StateError
+from shared.state.locks import lease
+from shared.state.locks import store_lock as locks
 
 if TYPE_CHECKING:
     from shared.settings import Settings

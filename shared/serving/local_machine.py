@@ -18,7 +18,7 @@ def for_local(
     on_tabby_spawn: Callable[[int], None],
 ) -> TabbyServer:
     """The server over `dirs` (settings.local_dirs(DIR), DIR/data made), Tabby's pid handed to `on_tabby_spawn`."""
-    from shared.state import lease
+    from shared.state.locks import lease
 
     server = TabbyServer(
         settings,

@@ -42,7 +42,7 @@ def exit_container(reason: str) -> None:
 
 def lease_check(settings: Settings) -> MaintenanceCheck:
     """The maintenance-lock check: the live maintenance lease in the leases modal.Dict, described, or None."""
-    from shared.state.lease import maintenance_reason
+    from shared.state.locks.lease import maintenance_reason
 
     return lambda: maintenance_reason(settings)
 

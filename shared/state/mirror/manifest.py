@@ -5,13 +5,9 @@ of an unfinished pass, and strict JSON; `rebuild_manifest` describes a data dir 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
-import os
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +17,13 @@ from shared.state.atomic import (
     SHA256_RE,
     StateError,
     check_tree,
-    ensure_dir,
     fsync_dir,
     hash_file,
     read_record,
     write_bytes,
 )
-from shared.state.locks import process_alive, this_process
+from shared.state.locks import writer_lock
+from shared.state.locks.holder import process_alive, this_process
 from shared.state.mirror.scan import (
     META_DIR,
     scan,
@@ -120,23 +116,10 @@ def next_step(info: dict[str, Any], flag: str = "") -> str:
     return f"run `{finish}` to finish it"
 
 
-@contextlib.contextmanager
-def writing(data_dir: Path) -> Iterator[None]:
-    """Hold the data dir's writer lock: persist, restore and reset write it one at a time on this machine (an
-    exclusive flock on `.tabby-modal/writer.lock`, waited for). So a restore never lands in the middle of a persist
-    pass, and the pass after it sees the new epoch. Where the filesystem has no flock, it goes on without."""
-    path = Path(data_dir) / WRITER_LOCK
-    ensure_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def writing(data_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the data dir's writer lock (`shared.state.locks.writer_lock`): persist, restore and reset write it one
+    at a time on this machine."""
+    return writer_lock.holding(Path(data_dir) / WRITER_LOCK)
 
 
 # --- Tree entries and manifests -------------------------------------------------------------------------------

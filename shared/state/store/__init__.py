@@ -5,7 +5,7 @@ Layout, behind a small storage interface (`backend.Backend`; `DirectoryBackend` 
     packs/ab/<id>              small blobs (< PACK_BLOB_MAX) appended one after another, then an index of them
     blobs/ab/<sha256>          large blobs and databases, one file each
     snapshots/<id>.json        one manifest per snapshot, written atomically after all of its blobs
-    lock.json                  the store lock (shared.state.locks), outside the Backend
+    lock.json                  the store lock (shared.state.locks.store_lock), outside the Backend
 
 Every blob is content-addressed by its sha256, wherever it lives, and stored once across snapshots. Databases stay
 single files, so a drill or `inspect` reads them directly. A crash leaves orphan packs/blobs and temp files
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from shared.state.locks import StoreLock
+from shared.state.locks.store_lock import StoreLock
 from shared.state.mirror import Entry
 from shared.state.progress import Progress
 from shared.state.store import prune, repair, restore, snapshotting, verify

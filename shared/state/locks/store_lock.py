@@ -2,7 +2,7 @@
 blobs that a running snapshot has written but not yet named in a manifest.
 
 The lock is a file in the backups dir created with O_EXCL, holding who took it (pid, host, process start time, op,
-time) and, when the run holds a lease (`shared.state.lease`, set with `vouched_by`), that lease's key and token.
+time) and, when the run holds a lease (`shared.state.locks.lease`, set with `vouched_by`), that lease's key and token.
 One model for every lock of the store (this file and the leases alike): a holder on this host whose process is gone
 (or whose pid was reused) is broken at once, with a log line; a holder elsewhere (another Modal container: no pid
 to check) is broken when its lease says it is gone (the lease entry is absent, expired or another run's), and
@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import secrets
-import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,78 +27,20 @@ from typing import Any
 
 from shared.state import interruption
 from shared.state.atomic import StateError, fsync_dir, read_record
+from shared.state.locks.holder import iso, process_alive, say, this_process
+from shared.state.locks.waiting import UNLOCK_HINT, WAIT_REPORT, take_or_wait
 
 LOCK_NAME = "lock.json"
 BREAKING_NAME = "lock.json.breaking"
 BREAKING_TTL = 60.0  # a breaker needs milliseconds; older means it crashed mid-break
 UNREADABLE_GRACE = 10.0  # an empty lock file is a holder between create and write, unless it is this old
 POLL = 0.1
-WAIT_REPORT = 5.0  # seconds between "waiting for ..." lines
-UNLOCK_HINT = "if that run is dead, `tabby-modal unlock --yes` breaks it"
 
 log = logging.getLogger("tabby_modal.locks")
 
 
 class LockHeld(StateError):
     """Another run holds the store lock."""
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) from /proc, or None where there is no /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def host_id() -> str:
-    """Where a pid means something: the Modal task (every container has its own pids and may share a host name
-    with others), else the host name."""
-    return os.environ.get("MODAL_TASK_ID") or socket.gethostname()
-
-
-def iso(t: Any) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t if isinstance(t, int | float) else 0))
-
-
-def say(line: str) -> None:
-    """A progress line for the person waiting (stderr: stdout stays clean for `--json`)."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def this_process() -> dict[str, Any]:
-    stat = _proc_stat(os.getpid())
-    return {
-        "pid": os.getpid(),
-        "host": host_id(),
-        "proc_start": stat[1] if stat else None,
-        "time": time.time(),
-    }
-
-
-def process_alive(info: dict[str, Any]) -> bool | None:
-    """True/False for a process recorded on this host (pid reuse and zombies count as dead); None for another host."""
-    if info.get("host") != host_id():
-        return None
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, start = stat
-    if state in ("Z", "X"):
-        return False
-    recorded = info.get("proc_start")
-    return recorded is None or recorded == start
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -292,29 +232,31 @@ class StoreLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         vouch = current_vouch()
         mine = {**this_process(), "op": self.op, "token": self.token, **(vouch.fields if vouch else {})}
-        start = time.monotonic()
-        deadline, next_report = start + self.wait, start + self.report
-        while True:
-            if _create(self.path, mine):
-                self.held = True
-                self._hold = interruption.register(self._drop)
-                return self
-            info = _read(self.path)
-            if info is None:
-                continue
-            if is_stale(self.path, info, self.ttl, vouch=vouch):
-                _break_stale(self.directory, info, self.ttl, vouch)
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                raise LockHeld(f"store busy: {describe(info)}; {UNLOCK_HINT}")
-            if now >= next_report:
-                next_report = now + self.report
-                self.on_wait(
-                    f"waiting for the store lock held by {info.get('op', '?')} (pid {info.get('pid')} on "
-                    f"{info.get('host')}) since {iso(info.get('time'))}"
-                )
-            time.sleep(POLL)
+
+        def take() -> bool:
+            if not _create(self.path, mine):
+                return False
+            self.held = True
+            self._hold = interruption.register(self._drop)
+            return True
+
+        take_or_wait(
+            take,
+            lambda: _read(self.path),
+            lambda info: why_stale(self.path, info, self.ttl, vouch=vouch),
+            lambda info, _why: _break_stale(self.directory, info, self.ttl, vouch),
+            wait=self.wait,
+            report=self.report,
+            on_wait=self.on_wait,
+            waiting_line=lambda info: (
+                f"waiting for the store lock held by {info.get('op', '?')} (pid {info.get('pid')} on "
+                f"{info.get('host')}) since {iso(info.get('time'))}"
+            ),
+            give_up=lambda info: LockHeld(f"store busy: {describe(info)}; {UNLOCK_HINT}"),
+            sleep=time.sleep,
+            poll=POLL,
+        )
+        return self
 
     def release(self) -> None:
         if not self.held:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.state.atomic import StateError
-from shared.state.locks import _proc_stat
+from shared.state.locks.holder import proc_pgrp, proc_stat
 
 log = logging.getLogger("tabby_modal.serve_lock")
 
@@ -171,7 +171,7 @@ class ServeLock:
         `serve` can end it if this one dies without stopping it."""
         if self._fd is None:
             return
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         self.record = {**self.record, "tabby": {"pid": pid, "proc_start": stat[1] if stat else None}}
         data = json.dumps(self.record).encode() + b"\n"
         os.pwrite(self._fd, data, 0)
@@ -206,7 +206,7 @@ def tabby_of(record: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(start, int):
         return None  # never judged by the pid alone
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     if stat is None or stat[0] in ("Z", "X") or stat[1] != start:
         return None
     return {"pid": pid, "proc_start": start, "port": record.get("port"), "serve_pid": record.get("pid")}
@@ -232,13 +232,13 @@ def end_orphan(found: dict[str, Any], grace: float = ORPHAN_GRACE) -> str:
         out = []
         for name in os.listdir("/proc"):
             if name.isdigit():
-                stat = _proc_pgrp(int(name))
+                stat = proc_pgrp(int(name))
                 if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
                     out.append(int(name))
         return out
 
     def still_ours() -> bool:  # the group leader is the recorded process (not a reused pid)
-        stat = _proc_stat(pgid)
+        stat = proc_stat(pgid)
         return stat is not None and stat[1] == found["proc_start"] and stat[0] not in ("Z", "X")
 
     if not still_ours():
@@ -256,13 +256,3 @@ def end_orphan(found: dict[str, Any], grace: float = ORPHAN_GRACE) -> str:
     while time.monotonic() < deadline and members():
         time.sleep(0.02)
     return f"killed (SIGKILL after {grace:.0f}s)"
-
-
-def _proc_pgrp(pid: int) -> tuple[str, int] | None:
-    """(state, process group) from /proc/<pid>/stat."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields[0], int(fields[2])

@@ -3,11 +3,12 @@
 A lease is one Dict entry `{op, owner, token, since, expires, host, pid, proc_start}` taken with
 `put(key, value, skip_if_exists=True)`, the Dict's atomic put-if-absent: of two runs asking at once exactly one gets
 it. A holder refreshes its entry while it works (a heartbeat every third of `ttl`), so a long restore keeps its
-lease. The same lock model as `shared.state.locks`: a holder on this host whose process is gone is taken over at
-once; elsewhere (another Modal container) its entry expires `ttl` seconds after its last heartbeat; both with a log
-line. A waiting run says who it waits for every few seconds; `tabby-modal unlock` breaks leases explicitly. The
-store lock file a run takes under its store lease carries the lease (`vouch()`), so a run in another container can
-break a dead run's lock file as soon as that run's lease is gone.
+lease. The same lock model as `shared.state.locks.store_lock`: a holder on this host whose process is gone is
+taken over at once; elsewhere (another Modal container) its entry expires `ttl` seconds after its last heartbeat;
+both with a log line. A waiting run says who it waits for every few seconds (`shared.state.locks.waiting`, the
+loop the store lock waits with too); `tabby-modal unlock` breaks leases explicitly. The store lock file a run
+takes under its store lease carries the lease (`vouch()`), so a run in another container can break a dead run's
+lock file as soon as that run's lease is gone.
 
 Any object with `get(key, default)`, `put(key, value, *, skip_if_exists)` and `pop(key, default)` works as the Dict:
 `modal.Dict` on Modal, `DirDict` (one JSON file per key) for `--local` runs and tests.
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.state import interruption
 from shared.state.atomic import StateError, fsync_dir, read_record, tmp_path
-from shared.state.locks import UNLOCK_HINT, WAIT_REPORT, Vouch, iso, process_alive, say, this_process
+from shared.state.locks.holder import iso, process_alive, say, this_process
+from shared.state.locks.store_lock import Vouch
+from shared.state.locks.waiting import UNLOCK_HINT, WAIT_REPORT, take_or_wait
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -213,29 +216,24 @@ class Lease:
         }
 
     def acquire(self) -> Lease:
-        start = time.monotonic()
-        deadline, next_report = start + self.wait, start + self.report
-        while True:
-            mine = self.record()
-            if self.d.put(self.key, mine, skip_if_exists=True):
-                break
-            held = self.d.get(self.key)
-            if held is None:
-                continue  # released between our put and get
-            why = why_gone(held, self.clock())
-            if why is not None:
-                self._take_over(held, why)
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                raise LeaseHeld(f"{self.key} lock held: {describe(held, self.clock())}; {UNLOCK_HINT}")
-            if now >= next_report:
-                next_report = now + self.report
-                self.on_wait(
-                    f"waiting for the {self.key} lock held by {held.get('op', '?')} ({held.get('owner', '?')}) "
-                    f"since {iso(_number(held.get('since')))}"
-                )
-            self._stop.wait(self.poll)
+        take_or_wait(
+            lambda: self.d.put(self.key, self.record(), skip_if_exists=True),
+            lambda: self.d.get(self.key),
+            lambda held: why_gone(held, self.clock()),
+            self._take_over,
+            wait=self.wait,
+            report=self.report,
+            on_wait=self.on_wait,
+            waiting_line=lambda held: (
+                f"waiting for the {self.key} lock held by {held.get('op', '?')} ({held.get('owner', '?')}) "
+                f"since {iso(_number(held.get('since')))}"
+            ),
+            give_up=lambda held: LeaseHeld(
+                f"{self.key} lock held: {describe(held, self.clock())}; {UNLOCK_HINT}"
+            ),
+            sleep=self._stop.wait,
+            poll=self.poll,
+        )
         self._hold = interruption.register(self._drop)
         self._start_heartbeat()
         return self
