@@ -32,8 +32,9 @@ from typing import Any
 
 import pytest
 
-from shared.state import atomic, database, mirror
-from shared.state.atomic import DiskFull, sync_fs, write_stream
+from shared.state import atomic, database, mirror, space
+from shared.state.atomic import sync_fs, write_stream
+from shared.state.errors import DiskFull, StateError
 from shared.state.store import Store
 from shared.state.store import backend as backend_mod
 from tests.conftest import BIN, clean_env
@@ -76,10 +77,10 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
 def leave_free(disk: Path, free: int) -> int:
     """Fill `disk` so that about `free` bytes stay free; returns the free bytes statvfs reports."""
     filler = disk / "filler"
-    have = atomic.free_bytes(disk) or 0
+    have = space.free_bytes(disk) or 0
     with open(filler, "ab") as f:
         f.write(b"\0" * max(have - free, 0))
-    return atomic.free_bytes(disk) or 0
+    return space.free_bytes(disk) or 0
 
 
 def _limited(limit: int) -> Callable[[], None]:
@@ -189,7 +190,7 @@ def test_hydrate_on_a_full_disk_fails_whole(tmp_path: Path, small_disk: Callable
     assert f"({BIG} bytes)" in line, line  # the file it could not fit
     assert not (disk / "root").exists()  # nothing half-written under the live root's name
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # staging and temps gone
-    assert atomic.free_bytes(disk) == free
+    assert space.free_bytes(disk) == free
     assert hashes(tmp_path / "dir/data") == data_before
 
 
@@ -218,7 +219,7 @@ def test_first_persist_on_a_full_disk_leaves_no_dir(
     got = cli(["persist", "--root", str(live), "--local", str(disk / "dir")], tmp_path)
     assert_disk_full(got, disk)
     assert not (disk / "dir").exists()
-    assert atomic.free_bytes(disk) == free
+    assert space.free_bytes(disk) == free
 
 
 def test_persist_on_a_full_disk_keeps_the_data_dir(tmp_path: Path, small_disk: Callable[[int], Path]) -> None:
@@ -650,12 +651,12 @@ def test_store_batch_syncs_before_renames_and_before_the_manifest(
 
 def test_disk_full_message_is_built_in_one_place(tmp_path: Path) -> None:
     """The one line names the mount point, the file, what it needed and what is free."""
-    err = atomic.disk_full(tmp_path / "a" / "b", 5_000_000, OSError(errno.ENOSPC, "x"))
+    err = space.disk_full(tmp_path / "a" / "b", 5_000_000, OSError(errno.ENOSPC, "x"))
     text = str(err)
     assert "\n" not in text
-    assert text.startswith(f"disk full on {atomic.mount_point(tmp_path)} (writing {tmp_path / 'a' / 'b'}): ")
+    assert text.startswith(f"disk full on {space.mount_point(tmp_path)} (writing {tmp_path / 'a' / 'b'}): ")
     assert "needs 4.8 MiB (5000000 bytes)" in text and "free (no space left)" in text
-    assert isinstance(err, atomic.StateError) and err.needed == 5_000_000
+    assert isinstance(err, StateError) and err.needed == 5_000_000
 
 
 @pytest.mark.stress

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from shared.state import database, mirror
-from shared.state.atomic import StateError, hash_file, is_tmp
+from shared.state.atomic import hash_file, is_tmp
+from shared.state.errors import StateError
 from tests.tabby_root import counter_values, make_root, read_meta, tantivy_commit, tree_state
 
 SEED = 7

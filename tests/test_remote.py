@@ -13,7 +13,7 @@ import pytest
 from shared.operations import maintenance
 from shared.settings import load_settings
 from shared.state import mirror
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from shared.state.locks import lease
 from shared.state.store import Store
 from tests.fake_modal import FakeModal

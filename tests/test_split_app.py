@@ -78,7 +78,7 @@ def test_warm_and_cold_cover_both_classes_in_split_mode(no_modal_env):
     import pytest
 
     from shared.operations import warm
-    from shared.state.atomic import StateError
+    from shared.state.errors import StateError
 
     split = load_settings(env_file=None, inference="split", inference_min_containers=0)
     modal_side = DeployedClasses("Tabby", "Inference")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from shared.state import database, inspection, mirror
-from shared.state.atomic import HashMismatch, StateError, hash_file
+from shared.state.atomic import hash_file
+from shared.state.errors import HashMismatch, StateError
 from shared.state.locks.store_lock import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
 from shared.state.mirror import Entry
 from shared.state.progress import Progress

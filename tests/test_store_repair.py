@@ -16,7 +16,8 @@ import pytest
 
 from shared.operations import versions
 from shared.state import archive, mirror
-from shared.state.atomic import StateError, hash_file
+from shared.state.atomic import hash_file
+from shared.state.errors import StateError
 from shared.state.mirror import Entry
 from shared.state.store import Snapshot, Store, snapshot_name
 from shared.state.store.packs import PACK_FOOTER

@@ -262,7 +262,7 @@ class FakeTarget:
 
     def ready(self) -> str:
         if self.image == self.bad:
-            from shared.state.atomic import StateError
+            from shared.state.errors import StateError
 
             raise StateError(
                 "https://ws--tabby-server.modal.run was not ready within 1500s (last answer: 503)"

@@ -11,7 +11,7 @@ from modal.exception import NotFoundError
 from shared import warm_hours
 from shared.operations import warm
 from shared.settings import SettingsError, load_settings
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from tests.conftest import run_cli
 from tests.test_warmer_app import import_fresh
 

@@ -85,7 +85,7 @@ def serve_cmd(local: str, port: int | None, host: str) -> None:
     """Run Tabby behind the proxy on this machine (needs TABBY_BIN or `tabby` on PATH)."""
     from shared.operations import local_server
     from shared.serving.supervisor import find_tabby
-    from shared.state.atomic import StateError
+    from shared.state.errors import StateError
     from shared.state.locks.serve_lock import ServeLock
 
     settings = get_settings()

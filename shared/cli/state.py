@@ -30,8 +30,9 @@ from shared.cli.common import (
 )
 from shared.operations.forms import open_ops
 from shared.settings import LocalDirs
-from shared.state.atomic import StateError, disk_full, is_disk_full
+from shared.state.errors import StateError
 from shared.state.progress import mib
+from shared.state.space import disk_full, is_disk_full
 from shared.state.store.core import check_label
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from shared.state.locks.serve_lock import holder
 
 LOG_FILE = "serve.log"

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.operations import versions
 from shared.state import archive, inspection, mirror
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from shared.state.locks import lease, serve_lock
 from shared.state.locks import store_lock as locks
 from shared.state.progress import DEFAULT_INTERVAL, Progress

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.operations.maintenance import TRANSFER_DIR
 from shared.state import archive
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from shared.state.locks import lease
 from shared.state.locks import store_lock as locks
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared import warm_hours
 from shared.operations import cron, local_server, versions
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from shared.state.locks import serve_lock
 
 if TYPE_CHECKING:

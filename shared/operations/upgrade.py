@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shared.operations import local_server, versions
 from shared.operations.smoke import smoke
 from shared.state import database
-from shared.state.atomic import StateError, write_bytes
+from shared.state.atomic import write_bytes
+from shared.state.errors import StateError
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from shared import warm_hours
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 
 if TYPE_CHECKING:
     from shared.settings import Settings

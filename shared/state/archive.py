@@ -27,9 +27,11 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from shared.state import database
-from shared.state.atomic import HashMismatch, StateError, fsync_dir, room_for, tmp_path
+from shared.state.atomic import fsync_dir, tmp_path
+from shared.state.errors import HashMismatch, StateError
 from shared.state.mirror import Entry
 from shared.state.progress import Progress, silent
+from shared.state.space import room_for
 from shared.state.store import Store, restore, verify
 
 # Top-level names of a Tabby root: a single top folder with one of these names is content, not a wrapper.

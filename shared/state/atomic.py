@@ -1,4 +1,4 @@
-"""Files written whole or not at all, streaming sha256, and checks that relative paths stay inside a root.
+"""Files written whole or not at all, and streaming sha256.
 
 Every publishing write goes: temp file in the same directory, write, fsync, rename over the final name, fsync the
 directory. A crash leaves either the old file, the new one, or a stray temp file (named with `TMP_MARK`, which every
@@ -6,8 +6,8 @@ walker skips and the cleaners remove), never a torn file under the final name.
 
 Every write writes all its bytes or raises: short writes are looped over, a kernel copy that stops early is finished
 with plain writes (so the real error surfaces), and the size written is checked against the file. A full disk
-(ENOSPC, EDQUOT, EFBIG) becomes `DiskFull`, whose one-line message `disk_full` builds: which mount, how much was
-needed, how much is free.
+(ENOSPC, EDQUOT, EFBIG) becomes `DiskFull` (shared.state.space builds its one line: which mount, how much was
+needed, how much is free).
 """
 
 from __future__ import annotations
@@ -18,122 +18,24 @@ import ctypes.util
 import errno
 import hashlib
 import io
-import json
 import os
-import posixpath
 import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
+
+from shared.state.errors import HashMismatch
+from shared.state.space import room_for, short_write
 
 CHUNK = 1 << 20
 TMP_MARK = ".tmtmp-"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_LINK_HOPS = 40
 
-
-class StateError(ValueError):
-    """Bad input or a refused state operation. The message is one line, fit for the CLI."""
-
-
-class HashMismatch(StateError):
-    """Bytes did not hash to the sha256 they were promised to have: nothing was published."""
-
-
-# --- A full disk ------------------------------------------------------------------------------------------------
 
 # No space, no quota, or past a file size limit (RLIMIT_FSIZE, the filesystem's maximum): all "the write did not fit".
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_CAUSES = {
-    errno.ENOSPC: "no space left",
-    errno.EDQUOT: "quota exceeded",
-    errno.EFBIG: "file size limit reached",
-}
-
-
-class DiskFull(StateError):
-    """A write did not fit on its disk. The message (built by `disk_full` alone) names the mount point, what was
-    being written, how much it needed and how much is free; what the failed write had begun is removed."""
-
-    def __init__(self, message: str, *, path: Path, needed: int | None, free: int | None) -> None:
-        super().__init__(message)
-        self.path, self.needed, self.free = path, needed, free
-
-
-def _existing(path: Path) -> Path:
-    p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def mount_point(path: Path) -> Path:
-    """The mount point of the filesystem that holds `path` (or would hold it)."""
-    p = _existing(path)
-    while not os.path.ismount(p) and p != p.parent:
-        p = p.parent
-    return p
-
-
-def free_bytes(path: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on `path`'s filesystem (statvfs f_bavail), None if unknown."""
-    try:
-        st = os.statvfs(_existing(path))
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _amount(n: int) -> str:
-    return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB ({n} bytes)"
-
-
-def disk_full(
-    path: Path, needed: int | None = None, err: OSError | None = None, *, cause: str | None = None
-) -> DiskFull:
-    """The one `DiskFull` error of the state engine: `disk full on /mnt (writing /mnt/x/y): needs 2.9 MiB
-    (3000000 bytes), 2.3 MiB (2396160 bytes) free (no space left)`. `needed` is what the failed write (or run)
-    still had to write, when known."""
-    path = Path(os.path.abspath(path))
-    free = free_bytes(path)
-    need = f"needs {_amount(needed)}" if needed is not None else "needs more room"
-    have = f"{_amount(free)} free" if free is not None else "free space unknown"
-    if cause is None:
-        cause = (
-            _CAUSES.get(err.errno, err.strerror or "write failed")
-            if err is not None
-            else "write stopped short"
-        )
-    return DiskFull(
-        f"disk full on {mount_point(path)} (writing {path}): {need}, {have} ({cause})",
-        path=path,
-        needed=needed,
-        free=free,
-    )
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
-
-
-@contextlib.contextmanager
-def room_for(path: Path, needed: int | None = None) -> Iterator[None]:
-    """Turn a full-disk OSError raised inside the block into `DiskFull` naming `path` (a DiskFull raised deeper,
-    with a more precise path, passes through as it is)."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in DISK_FULL_ERRNOS:
-            raise
-        raise disk_full(path, needed, err) from None
-
-
-def short_write(what: Path | str) -> OSError:
-    """A write that made no progress (0 bytes): what a full disk looks like where no errno is given."""
-    return OSError(errno.ENOSPC, "write made no progress", str(what))
 
 
 def write_all(fd: int, data: bytes | memoryview) -> int:
@@ -566,98 +468,3 @@ def make_link(path: Path, target: str, *, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
-
-
-# --- Relative paths that must stay inside a root ------------------------------------------------------------
-
-
-def check_relpath(path: object) -> str:
-    """A manifest path: relative, posix, no `.`/`..`/empty parts, no NUL. Returns it unchanged or raises StateError."""
-    if not isinstance(path, str) or not path:
-        raise StateError(f"bad path {path!r}: not a non-empty string")
-    if path.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", path):
-        raise StateError(f"bad path {path!r}: absolute")
-    if "\x00" in path or "\\" in path:
-        raise StateError(f"bad path {path!r}: NUL or backslash")
-    parts = path.split("/")
-    if ".." in parts:
-        raise StateError(f"bad path {path!r}: '..' leaves the root")
-    if any(p in ("", ".") for p in parts):
-        raise StateError(f"bad path {path!r}: not normalised")
-    return path
-
-
-def resolve_inside(links: Mapping[str, str], path: str) -> str | None:
-    """Where `path` lands after following the tree's own symlinks (`links`: path -> target), or None if it leaves.
-
-    Pure string work over the manifest, so a malicious manifest is judged before anything is written.
-    """
-    out: list[str] = []
-    todo = [p for p in path.split("/")]
-    hops = 0
-    while todo:
-        part = todo.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not out:
-                return None
-            out.pop()
-            continue
-        candidate = "/".join([*out, part])
-        target = links.get(candidate)
-        if target is None:
-            out.append(part)
-            continue
-        hops += 1
-        if hops > MAX_LINK_HOPS or target.startswith("/"):
-            return None
-        todo = target.split("/") + todo
-    return "/".join(out)
-
-
-def link_escapes(links: Mapping[str, str], path: str) -> bool:
-    """Does the symlink at `path` point outside the root (absolute, or through `..`, or via other links)?"""
-    target = links[path]
-    if not target or target.startswith("/"):
-        return True
-    return resolve_inside(links, posixpath.join(posixpath.dirname(path), target)) is None
-
-
-def check_tree(paths: Iterable[str], links: Mapping[str, str]) -> None:
-    """A whole manifest's paths: each safe, none twice, none under another file or link, no link leaving the root."""
-    seen: set[str] = set()
-    for p in paths:
-        check_relpath(p)
-        if p in seen:
-            raise StateError(f"bad path {p!r}: listed twice")
-        seen.add(p)
-    for p in seen:
-        parent = posixpath.dirname(p)
-        while parent:
-            if parent in seen:
-                raise StateError(f"bad path {p!r}: its parent {parent!r} is a file or link")
-            parent = posixpath.dirname(parent)
-    for p in links:
-        if link_escapes(links, p):
-            raise StateError(f"bad link {p!r} -> {links[p]!r}: leaves the root")
-
-
-def inside(root: Path, path: Path) -> bool:
-    """On disk: does `path`, with every symlink resolved, stay under `root`?"""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return real == real_root or real.startswith(real_root + os.sep)
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """A small JSON record (lock file, pending marker): None if absent, {} if empty or unreadable."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        return {}
-    return info if isinstance(info, dict) else {}

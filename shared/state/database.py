@@ -17,16 +17,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
-from shared.state.atomic import (
-    StateError,
-    disk_full,
-    ensure_dir,
-    free_bytes,
-    fsync_dir,
-    hash_file,
-    room_for,
-    tmp_path,
-)
+from shared.state.atomic import ensure_dir, fsync_dir, hash_file, tmp_path
+from shared.state.errors import StateError
+from shared.state.space import disk_full, free_bytes, room_for
 
 # Tabby's databases under TABBY_ROOT (dev builds use dev-db.sqlite).
 DB_PATHS = ("ee/db.sqlite", "ee/dev-db.sqlite")

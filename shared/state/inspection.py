@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import database, mirror
-from shared.state.atomic import StateError, write_stream
+from shared.state.atomic import write_stream
+from shared.state.errors import StateError
 from shared.state.store import Store, blob_name
 
 

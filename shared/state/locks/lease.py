@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.state import interruption
-from shared.state.atomic import StateError, fsync_dir, read_record, tmp_path
+from shared.state.atomic import fsync_dir, tmp_path
+from shared.state.errors import StateError
 from shared.state.locks.holder import iso, process_alive, say, this_process
 from shared.state.locks.store_lock import Vouch
 from shared.state.locks.waiting import UNLOCK_HINT, WAIT_REPORT, take_or_wait
+from shared.state.records import read_record
 
 if TYPE_CHECKING:
     from shared.settings import Settings

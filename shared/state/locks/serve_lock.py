@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.state.atomic import StateError
+from shared.state.errors import StateError
 from shared.state.locks.holder import proc_pgrp, proc_stat
 
 log = logging.getLogger("tabby_modal.serve_lock")

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import interruption
-from shared.state.atomic import StateError, fsync_dir, read_record
+from shared.state.atomic import fsync_dir
+from shared.state.errors import StateError
 from shared.state.locks.holder import iso, process_alive, say, this_process
 from shared.state.locks.waiting import UNLOCK_HINT, WAIT_REPORT, take_or_wait
+from shared.state.records import read_record
 
 LOCK_NAME = "lock.json"
 BREAKING_NAME = "lock.json.breaking"

@@ -16,16 +16,13 @@ from typing import Any
 from shared.state import database
 from shared.state.atomic import (
     TMP_MARK,
-    HashMismatch,
-    StateError,
-    check_tree,
     current_umask,
     ensure_dir,
-    inside,
     read_small,
     write_new_bytes,
     write_private,
 )
+from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror.manifest import (
     Entry,
@@ -40,6 +37,7 @@ from shared.state.mirror.scan import (
     remove,
     scan,
 )
+from shared.state.paths import check_tree, inside
 from shared.state.progress import Progress, silent
 
 SMALL_FILE = 1 << 20  # hydrate reads a file below this size whole, then writes it in one go

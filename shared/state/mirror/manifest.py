@@ -13,21 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import database, fault_points
-from shared.state.atomic import (
-    SHA256_RE,
-    StateError,
-    check_tree,
-    fsync_dir,
-    hash_file,
-    read_record,
-    write_bytes,
-)
+from shared.state.atomic import SHA256_RE, fsync_dir, hash_file, write_bytes
+from shared.state.errors import StateError
 from shared.state.locks import writer_lock
 from shared.state.locks.holder import process_alive, this_process
 from shared.state.mirror.scan import (
     META_DIR,
     scan,
 )
+from shared.state.paths import check_tree
+from shared.state.records import read_record
 
 MANIFEST = f"{META_DIR}/persist.json"
 PENDING = f"{META_DIR}/pending.json"

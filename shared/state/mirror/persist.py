@@ -30,16 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import database
-from shared.state.atomic import (
-    TMP_MARK,
-    StateError,
-    ensure_dir,
-    fsync_dir,
-    hash_file,
-    inside,
-    write_bytes,
-    write_temp,
-)
+from shared.state.atomic import TMP_MARK, ensure_dir, fsync_dir, hash_file, write_bytes, write_temp
+from shared.state.errors import StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror.manifest import (
     DataDirReplaced,
@@ -64,6 +56,7 @@ from shared.state.mirror.scan import (
     scan,
 )
 from shared.state.mirror.tantivy import is_index_meta, meta_missing
+from shared.state.paths import inside
 from shared.state.progress import Progress, silent
 
 # A recorded mtime this close to the moment we stat'ed may be shared by a later write (coarse kernel clocks):

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.state import database
-from shared.state.atomic import (
-    is_tmp,
-    link_escapes,
-)
+from shared.state.atomic import is_tmp
+from shared.state.paths import link_escapes
 
 META_DIR = ".tabby-modal"
 

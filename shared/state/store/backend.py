@@ -15,15 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from shared.state.atomic import (
-    check_relpath,
-    ensure_dir,
-    fsync_dir,
-    sync_fs,
-    write_bytes,
-    write_stream,
-    write_temp,
-)
+from shared.state.atomic import ensure_dir, fsync_dir, sync_fs, write_bytes, write_stream, write_temp
+from shared.state.paths import check_relpath
 from shared.state.store.packs import PACK_TARGET, PackSlice, PackWriter, parse_pack_index
 
 

@@ -14,12 +14,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
 from shared.state import mirror
-from shared.state.atomic import (
-    SHA256_RE,
-    HashMismatch,
-    StateError,
-    is_tmp,
-)
+from shared.state.atomic import SHA256_RE, is_tmp
+from shared.state.errors import HashMismatch, StateError
 from shared.state.mirror import Entry
 from shared.state.progress import Progress, silent
 from shared.state.store import quarantine

@@ -17,14 +17,9 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shared.state.atomic import (
-    SHA256_RE,
-    StateError,
-    ensure_dir,
-    room_for,
-    start_writeback,
-    tmp_path,
-)
+from shared.state.atomic import SHA256_RE, ensure_dir, start_writeback, tmp_path
+from shared.state.errors import StateError
+from shared.state.space import room_for
 
 PACK_BLOB_MAX = 1 << 20  # blobs smaller than this go into packs
 PACK_TARGET = 16 << 20  # a pack is closed once it holds this much

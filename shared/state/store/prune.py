@@ -13,10 +13,8 @@ import hashlib
 import time
 from typing import Any
 
-from shared.state.atomic import (
-    StateError,
-    is_tmp,
-)
+from shared.state.atomic import is_tmp
+from shared.state.errors import StateError
 from shared.state.store.backend import snapshot_name
 from shared.state.store.core import Catalog, Snapshot, StoreCore
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import database, mirror
-from shared.state.atomic import HashMismatch, StateError, hash_file, read_small
+from shared.state.atomic import hash_file, read_small
+from shared.state.errors import HashMismatch, StateError
 from shared.state.store import quarantine
 from shared.state.store.backend import blob_name, snapshot_name
 from shared.state.store.core import Catalog, StoreCore

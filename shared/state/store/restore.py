@@ -19,17 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import database, fault_points, mirror
-from shared.state.atomic import (
-    StateError,
-    ensure_dir,
-    fsync_dir,
-    inside,
-    make_link,
-    sync_fs,
-    write_private,
-)
+from shared.state.atomic import ensure_dir, fsync_dir, make_link, sync_fs, write_private
+from shared.state.errors import StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
+from shared.state.paths import inside
 from shared.state.store.core import Snapshot, StoreCore
 from shared.state.store.snapshotting import take
 from shared.state.store.verify import verify

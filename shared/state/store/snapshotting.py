@@ -15,17 +15,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.state import database, mirror
-from shared.state.atomic import (
-    HashMismatch,
-    StateError,
-    check_relpath,
-    check_tree,
-    hash_file,
-    read_small,
-    read_upto,
-)
+from shared.state.atomic import hash_file, read_small, read_upto
+from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
+from shared.state.paths import check_relpath, check_tree
 from shared.state.store.backend import blob_name, snapshot_name
 from shared.state.store.core import FORMAT, StoreCore, new_id
 from shared.state.store.packs import PACK_BLOB_MAX

@@ -13,12 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.state import database, mirror
-from shared.state.atomic import (
-    HashMismatch,
-    StateError,
-    hash_stream,
-    write_stream,
-)
+from shared.state.atomic import hash_stream, write_stream
+from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
 from shared.state.store import quarantine
