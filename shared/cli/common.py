@@ -135,6 +135,13 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")(f)
 
 
+def yes_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--yes`: one of the two signals a destructive command needs (see `confirm_destructive`)."""
+    return click.option(
+        "--yes", is_flag=True, help=f"Confirm (off a terminal also needs {ALLOW_DESTRUCTIVE_ENV}=1)."
+    )(f)
+
+
 def local_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--local",

@@ -20,15 +20,14 @@ from shared.cli.common import (
     handled,
     json_option,
     local_option,
+    yes_option,
 )
 from shared.cli.state import ops_for, run_op
 
 
 @cli.command("repair")
 @click.option("--dry-run", is_flag=True, help="Only say what would be dropped, stored again and lost.")
-@click.option(
-    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
-)
+@yes_option
 @local_option
 @json_option
 @handled

@@ -27,6 +27,7 @@ from shared.cli.common import (
     local_option,
     lock_line,
     require_modal_credentials,
+    yes_option,
 )
 from shared.operations.forms import open_ops
 from shared.settings import LocalDirs
@@ -260,9 +261,7 @@ def verify_cmd(snapshot: str | None, sample: float | None, local: str | None, as
 
 @cli.command("restore")
 @click.argument("snapshot")
-@click.option(
-    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
-)
+@yes_option
 @click.option(
     "--force", is_flag=True, help="Even if a server seems to be running or the safety snapshot fails."
 )
@@ -299,9 +298,7 @@ def restore_cmd(
     "--keep-weekly", type=int, default=None, help="ISO weeks with one snapshot kept (default: settings)."
 )
 @click.option("--dry-run", is_flag=True, help="Only list what would go.")
-@click.option(
-    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
-)
+@yes_option
 @local_option
 @json_option
 @handled
@@ -342,9 +339,7 @@ def prune_cmd(
 
 @cli.command("reset")
 @click.option("--scope", type=click.Choice(["all", "auth", "index"]), required=True, help="What to delete.")
-@click.option(
-    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
-)
+@yes_option
 @click.option(
     "--force", is_flag=True, help="Even if a server seems to be running or the safety snapshot fails."
 )

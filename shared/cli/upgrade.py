@@ -26,6 +26,7 @@ from shared.cli.common import (
     local_option,
     require_modal_credentials,
     say,
+    yes_option,
 )
 from shared.cli.state import run_op
 from shared.operations import local_server, upgrade
@@ -44,9 +45,7 @@ from shared.settings import SettingsError, load_settings
 @click.option(
     "--old-tabby-bin", default=None, metavar="PATH", help="--local: the Tabby binary to roll back to."
 )
-@click.option(
-    "--yes", is_flag=True, help="Confirm (off a terminal also needs TABBY_MODAL_ALLOW_DESTRUCTIVE=1)."
-)
+@yes_option
 @local_option
 @json_option
 @handled
