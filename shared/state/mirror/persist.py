@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from shared.state import database
 from shared.state.atomic import TMP_MARK, ensure_dir, fsync_dir, hash_file, write_bytes, write_temp
@@ -48,6 +48,7 @@ from shared.state.mirror.manifest import (
 from shared.state.mirror.scan import (
     META_DIR,
     WORKERS,
+    Node,
     clear_way,
     escaping_links,
     excluded,
@@ -275,6 +276,13 @@ def _read_meta(path: Path) -> tuple[bytes | None, os.stat_result | None]:
         return None, None
 
 
+class LiveTree(Protocol):
+    """What a pass asks of a change journal on the live root (`shared.state.mirror.journal`): the live root's
+    nodes now (as `scan` would return them) and whether anything may have changed since the last call."""
+
+    def nodes(self) -> tuple[dict[str, Node], bool]: ...
+
+
 class PersistDeadline(Exception):
     """A persist gave up between two files: its deadline (the exit hook's time) had passed."""
 
@@ -294,6 +302,7 @@ def persist(
     epoch: str | None = None,
     seq: int | None = None,
     deadline: Callable[[], float | None] | None = None,
+    live_tree: LiveTree | None = None,
 ) -> dict[str, Any]:
     """Mirror `live_root` into `data_dir` consistently; call `commit()` once the pass is complete.
 
@@ -324,7 +333,7 @@ def persist(
         for old in (data_dir / META_DIR).glob(f"persist{TMP_MARK}*"):
             shutil.rmtree(old, ignore_errors=True)  # staged copies of a pass that crashed
         try:
-            result = _persist(live_root, data_dir, progress, epoch, seq, runs, deadline)
+            result = _persist(live_root, data_dir, progress, epoch, seq, runs, deadline, live_tree)
         except BaseException:
             if runs and runs[0].pending and not runs[0].published and not marked:
                 # A pass that failed (a full disk) before changing anything: the data dir is exactly its last
@@ -350,6 +359,7 @@ def _persist(
     seq: int | None,
     runs: list[_Persist],
     deadline: Callable[[], float | None] | None,
+    live_tree: LiveTree | None = None,
 ) -> dict[str, Any]:
     warnings: list[str] = []
     # Never "repair" a half-done restore or reset into a state of its own: that would make the mix look healthy.
@@ -369,7 +379,7 @@ def _persist(
             "hydrate again before persisting"
         )
     repair = prev is None or pending_info(data_dir) is not None
-    nodes = scan(live_root)
+    nodes = live_tree.nodes()[0] if live_tree is not None else scan(live_root)
     run = _Persist(live_root, data_dir, prev, repair)
     runs.append(run)
     # Read each changed meta.json now, before any segment is copied: the copy we publish names only segments that
