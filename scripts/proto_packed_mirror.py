@@ -5,7 +5,7 @@
 
 Standalone: it does not change shared/ and the engine does not use it. It answers the riskiest question of the design
 with measurements instead of guesses: can a first persist put N small files into a data dir as a few pack files
-(the snapshot store's pack format, `shared.state.store.packs`) with one durability barrier, and can a hydrate lay
+(the snapshot store's pack format, `shared.state.packs`) with one durability barrier, and can a hydrate lay
 them back down, every byte checked against its sha256, at `cp -a` speed or better, with the data dir holding few
 files and bounded memory? Also: how long a no-change pass's scan of N files takes, and what a manifest of N entries
 costs as JSON versus a compact binary form.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_scale import count_files, make_scaled_root
 from shared.state.atomic import fsync_dir, sync_fs, write_bytes
 from shared.state.mirror import scan
-from shared.state.store.packs import PACK_TARGET, PackWriter, parse_pack_index
+from shared.state.packs import PACK_TARGET, PackWriter, parse_pack_index
 
 SMALL = 1 << 20  # files below this go into packs, as blobs do in the store
 # (path, pack index or -1 for a loose file, offset, length, sha256 hex, mode, mtime_ns)

@@ -24,7 +24,7 @@ from shared.state.mirror import Entry
 from shared.state.progress import Progress
 from shared.state.store import DirectoryBackend, Snapshot, Store, UnknownSnapshot, blob_name, snapshot_name
 from shared.state.store.core import ID_RE
-from shared.state.store.packs import PACK_FOOTER
+from shared.state.packs import PACK_FOOTER
 from tests.conftest import REPO
 from tests.tabby_root import counter_values, make_root, tree_state
 
@@ -475,7 +475,7 @@ CHILD_KILLED_MID_PACK = """
 import os, sys, time
 from pathlib import Path
 from shared.state.store import Store
-from shared.state.store.packs import PackWriter
+from shared.state.packs import PackWriter
 first = PackWriter.add
 def add(self, sha, data):
     first(self, sha, data)

@@ -20,7 +20,7 @@ from shared.state.atomic import hash_file
 from shared.state.errors import StateError
 from shared.state.mirror import Entry
 from shared.state.store import Snapshot, Store, snapshot_name
-from shared.state.store.packs import PACK_FOOTER
+from shared.state.packs import PACK_FOOTER
 from tests.conftest import run_cli
 from tests.tabby_root import make_root, tree_state
 

@@ -17,7 +17,6 @@ from shared.state import database
 from shared.state.atomic import (
     TMP_MARK,
     current_umask,
-    ensure_dir,
     read_small,
     write_new_bytes,
     write_private,
@@ -30,8 +29,8 @@ from shared.state.mirror.manifest import (
     pending_info,
     refuse_unfinished,
 )
+from shared.state.mirror.packed import by_pack, pack_file, read_slice, tree_view
 from shared.state.mirror.scan import (
-    WORKERS,
     clear_way,
     prune_empty_dirs,
     remove,
@@ -41,6 +40,27 @@ from shared.state.paths import check_tree, inside
 from shared.state.progress import Progress, silent
 
 SMALL_FILE = 1 << 20  # hydrate reads a file below this size whole, then writes it in one go
+# File creation, not bytes, bounds a hydrate of small files; creates in different directories run in parallel.
+HYDRATE_WORKERS = max(4, 2 * (os.cpu_count() or 1))
+BATCH_FILES = 256
+
+
+def _batches(plain: list[Entry]) -> list[list[Entry]]:
+    """Plain files in tasks: small neighbours together (a future per file costs more than the file), a large file
+    alone."""
+    out: list[list[Entry]] = []
+    batch: list[Entry] = []
+    for e in plain:
+        if e.size >= SMALL_FILE:
+            out.append([e])
+            continue
+        batch.append(e)
+        if len(batch) >= BATCH_FILES:
+            out.append(batch)
+            batch = []
+    if batch:
+        out.append(batch)
+    return out
 
 
 def _staging_for(live_root: Path) -> Path:
@@ -63,19 +83,13 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
     started = time.monotonic()
     if data_dir.is_dir():
         refuse_unfinished(data_dir, "hydrate")  # a half-done restore or reset is no state to serve
-    manifest = load_manifest(data_dir) if data_dir.is_dir() else None
+    manifest = load_manifest(data_dir, copy=False) if data_dir.is_dir() else None
     pending = pending_info(data_dir) if data_dir.is_dir() else None
     if manifest is not None and pending is None:
         entries = manifest.files
         checked = "manifest"
     else:
-        nodes = scan(data_dir) if data_dir.is_dir() else {}
-        known = manifest.files if manifest else {}
-        entries = {}
-        for p, n in nodes.items():
-            k = known.get(p)
-            sha = k.sha256 if k and k.link is None and (k.size, k.mtime_ns) == (n.size, n.mtime_ns) else None
-            entries[p] = Entry(p, n.size, n.mtime_ns, n.mode, sha, link=n.link)
+        entries = tree_view(data_dir, manifest) if data_dir.is_dir() else {}
         try:
             check_tree(entries, {p: e.link for p, e in entries.items() if e.link is not None})
         except StateError as err:
@@ -105,36 +119,64 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
         def lay(e: Entry) -> None:
             dst = staging / e.path
             if e.link is not None:
-                ensure_dir(dst.parent, durable=False)
                 os.symlink(e.link, dst)
                 return
             src = data_dir / e.path
+            if checked == "tree" and e.path in database.DB_PATHS:
+                # A plain root may hold a WAL database: copy it the consistent way.
+                database.backup(src, dst, private_copy=True, check="none", durable=False)
+            elif e.size < SMALL_FILE and (data := read_small(src, e.size)) is not None:
+                # One read, the hash from memory, one write: most of a Tabby root is small index files.
+                if e.sha256 is not None and hashlib.sha256(data).hexdigest() != e.sha256:
+                    raise HashMismatch(e.path)
+                write_new_bytes(dst, data, mode=e.mode, mtime_ns=e.mtime_ns, umask=umask)
+            else:
+                with open(src, "rb", buffering=0) as f:
+                    write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
+
+        def lay_pack(group: list[Entry]) -> None:
+            # One task per pack, its slices in order: one open, sequential reads, every slice's hash checked
+            # before its file is created.
+            fd = os.open(pack_file(data_dir, group[0].pack or ""), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if checked == "tree" and e.path in database.DB_PATHS:
-                    # A plain root may hold a WAL database: copy it the consistent way.
-                    database.backup(src, dst, private_copy=True, check="none", durable=False)
-                elif e.size < SMALL_FILE and (data := read_small(src, e.size)) is not None:
-                    # One read, the hash from memory, one write: most of a Tabby root is small index files.
-                    if e.sha256 is not None and hashlib.sha256(data).hexdigest() != e.sha256:
-                        raise HashMismatch(e.path)
-                    write_new_bytes(dst, data, mode=e.mode, mtime_ns=e.mtime_ns, umask=umask)
-                else:
-                    with open(src, "rb", buffering=0) as f:
-                        write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
+                for e in group:
+                    data = read_slice(fd, e)
+                    write_new_bytes(staging / e.path, data, mode=e.mode, mtime_ns=e.mtime_ns, umask=umask)
+            finally:
+                os.close(fd)
+            prog.add(len(group), sum(e.size for e in group))
+
+        def run(task: tuple[str, list[Entry]]) -> None:
+            kind, group = task
+            e = group[0]
+            try:
+                if kind == "pack":
+                    lay_pack(group)
+                    return
+                for e in group:
+                    lay(e)
+                prog.add(len(group), sum(e.size for e in group))
             except HashMismatch:
                 raise StateError(
                     f"hydrate refused: {e.path} does not match the persist manifest; live root untouched"
                 ) from None
             except FileNotFoundError:
+                where = f"its pack {e.pack}" if kind == "pack" else "it"
                 raise StateError(
-                    f"hydrate refused: {e.path} is in the persist manifest but missing; live root untouched"
+                    f"hydrate refused: {e.path} is in the persist manifest but {where} is missing; "
+                    "live root untouched"
                 ) from None
-            prog.add(1, e.size)
 
         for d in sorted({posixpath.dirname(p) for p in entries} - {""}):
             (staging / d).mkdir(parents=True, exist_ok=True)
-        with worker_pool(WORKERS) as pool:
-            list(pool.map(lay, entries.values()))
+        tasks: list[tuple[str, list[Entry]]] = [("pack", g) for g in by_pack(entries).values()]
+        tasks += [
+            ("plain", b)
+            for b in _batches(sorted((e for e in entries.values() if e.pack is None), key=lambda e: e.path))
+        ]
+        tasks.sort(key=lambda t: -sum(e.size for e in t[1]))  # the biggest first: the pool ends together
+        with worker_pool(HYDRATE_WORKERS) as pool:
+            list(pool.map(run, tasks))
         for p, e in entries.items():
             if e.link is not None and not inside(staging, staging / p):
                 raise StateError(f"hydrate refused: link {p} leaves the root; live root untouched")

@@ -1,11 +1,17 @@
 """The persist manifest (`.tabby-modal/persist.json`: what the data dir holds) and its entries, the pending marker
 of an unfinished pass, and strict JSON; `rebuild_manifest` describes a data dir anew after a restore or reset.
+
+Format 2 (this release writes it) packs small files: an entry with a `pack` lives at `offset` in
+`.tabby-modal/packs/<pack>.pack` (see `packed`), any other one is a plain file at its path; its `files` are rows,
+not objects (a 200,000-file root's manifest is parsed on every start). Format 1 (every earlier release) has only
+plain files, and is read as such: the first persist of this release packs its small files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -27,7 +33,9 @@ from shared.state.records import read_record
 MANIFEST = f"{META_DIR}/persist.json"
 PENDING = f"{META_DIR}/pending.json"
 WRITER_LOCK = f"{META_DIR}/writer.lock"
-FORMAT = 1
+FORMAT = 2
+FORMATS = (1, 2)  # read; FORMAT is written
+PACK_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 class DataDirReplaced(StateError):
@@ -131,6 +139,44 @@ class Entry:
     sha256: str | None = None
     link: str | None = None
     racy: bool = False  # persist only: re-hash on the next pass
+    pack: str | None = None  # persist only: the data dir pack holding it (None: a plain file at its path)
+    offset: int = 0  # where in that pack
+
+    def to_row(self) -> list[Any]:
+        """The format-2 manifest row: [path, size, mtime_ns, mode, sha256, pack, offset, racy] or [path, link]."""
+        if self.link is not None:
+            return [self.path, self.link]
+        return [
+            self.path,
+            self.size,
+            self.mtime_ns,
+            self.mode,
+            self.sha256,
+            self.pack,
+            self.offset,
+            int(self.racy),
+        ]
+
+    @classmethod
+    def from_row(cls, row: object, where: str, packs: dict[str, int]) -> Entry:
+        if isinstance(row, list) and len(row) == 2 and isinstance(row[0], str):
+            link = row[1]
+            if not isinstance(link, str) or not link or "\x00" in link:
+                raise StateError(f"{where}: {row[0]!r}: bad link target {link!r}")
+            return cls(path=row[0], mode=0o777, link=link)
+        if not isinstance(row, list) or len(row) != 8:
+            raise StateError(f"{where}: entry {row!r} is not a row")
+        path, size, mtime_ns, mode, sha, pack, offset, racy = row
+        for name, v in (("size", size), ("mtime_ns", mtime_ns), ("mode", mode), ("offset", offset)):
+            if type(v) is not int:
+                raise StateError(f"{where}: {path!r}: bad {name} {v!r}")
+        if size < 0 or offset < 0 or not 0 <= mode <= 0o7777:
+            raise StateError(f"{where}: {path!r}: bad size, offset or mode")
+        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+            raise StateError(f"{where}: {path!r}: bad sha256 {sha!r}")
+        if pack is not None and (pack not in packs or offset + size > packs[pack]):
+            raise StateError(f"{where}: {path!r}: pack {pack!r} is not listed or too short for it")
+        return cls(path, size, mtime_ns, mode, sha, None, racy == 1, pack, offset)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         if self.link is not None:
@@ -169,11 +215,15 @@ class Entry:
         return cls(path, size, mtime_ns, mode, sha, racy=item.get("racy") is True)  # type: ignore[arg-type]
 
 
-def parse_entries(items: object, where: str) -> dict[str, Entry]:
-    """Validate a manifest's `files`: types, safe relative paths, no duplicates, no link leaving the root."""
+def parse_entries(items: object, where: str, packs: dict[str, int] | None = None) -> dict[str, Entry]:
+    """Validate a manifest's `files` (objects; rows when `packs` is given): types, safe relative paths, no
+    duplicates, no link leaving the root."""
     if not isinstance(items, list):
         raise StateError(f"{where}: 'files' is not a list")
-    entries = [Entry.from_json(i, where) for i in items]
+    if packs is None:
+        entries = [Entry.from_json(i, where) for i in items]
+    else:
+        entries = [Entry.from_row(i, where, packs) for i in items]
     try:
         check_tree([e.path for e in entries], {e.path: e.link for e in entries if e.link is not None})
     except StateError as err:
@@ -215,6 +265,9 @@ class PersistManifest:
     seq: int = 0
     epoch: str = ""
     origin: str = "persist"
+    packs: dict[str, int] = field(
+        default_factory=dict
+    )  # data dir pack id -> its size, every one an entry names
 
     @property
     def bytes(self) -> int:
@@ -231,7 +284,8 @@ class PersistManifest:
             "origin": self.origin,
             "bytes": self.bytes,
             "databases": [{"path": p, **d} for p, d in sorted(self.databases.items())],
-            "files": [e.to_json() for _, e in sorted(self.files.items())],
+            "packs": dict(sorted(self.packs.items())),
+            "files": [e.to_row() for _, e in sorted(self.files.items())],
         }
 
 
@@ -243,8 +297,10 @@ def iso(t: float) -> str:
 _CACHE: dict[str, tuple[tuple[int, int, int], PersistManifest]] = {}
 
 
-def load_manifest(data_dir: Path) -> PersistManifest | None:
-    """The persist manifest of `data_dir`, validated; None when there is none. StateError when malformed."""
+def load_manifest(data_dir: Path, *, copy: bool = True) -> PersistManifest | None:
+    """The persist manifest of `data_dir`, validated; None when there is none. StateError when malformed.
+
+    `copy=False` returns the cached object itself (a pass with nothing to change reads it and must not edit it)."""
     path = Path(data_dir) / MANIFEST
     try:
         st = path.stat()
@@ -253,23 +309,33 @@ def load_manifest(data_dir: Path) -> PersistManifest | None:
     key = (st.st_size, st.st_mtime_ns, st.st_ino)
     hit = _CACHE.get(str(path))
     if hit is not None and hit[0] == key:
-        m = hit[1]
-        return replace(m, files=dict(m.files), databases=dict(m.databases))
+        return _copied(hit[1]) if copy else hit[1]
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
     m = _parse_manifest(raw)
     _CACHE[str(path)] = (key, m)
-    return replace(m, files=dict(m.files), databases=dict(m.databases))
+    return _copied(m) if copy else m
+
+
+def _copied(m: PersistManifest) -> PersistManifest:
+    return replace(m, files=dict(m.files), databases=dict(m.databases), packs=dict(m.packs))
 
 
 def _parse_manifest(raw: bytes) -> PersistManifest:
     where = f"persist manifest {MANIFEST}"
     doc = load_json(raw, where)
-    if doc.get("format") != FORMAT or doc.get("kind") != "tabby-modal/persist":
+    if doc.get("format") not in FORMATS or doc.get("kind") != "tabby-modal/persist":
         raise StateError(f"{where}: unknown format {doc.get('format')!r}/{doc.get('kind')!r}")
-    files = parse_entries(doc.get("files"), where)
+    packs: dict[str, int] | None = None
+    if doc["format"] >= 2:
+        packs = doc.get("packs")
+        if not isinstance(packs, dict) or not all(
+            PACK_ID_RE.match(k) and type(v) is int and v >= 0 for k, v in packs.items()
+        ):
+            raise StateError(f"{where}: bad 'packs'")
+    files = parse_entries(doc.get("files"), where, packs)
     dbs: dict[str, dict[str, Any]] = {}
     for d in doc.get("databases") or []:
         if not isinstance(d, dict) or d.get("path") not in files:
@@ -283,6 +349,7 @@ def _parse_manifest(raw: bytes) -> PersistManifest:
         seq=int(doc.get("seq") or 0),
         epoch=str(doc.get("epoch") or ""),
         origin=str(doc.get("origin") or "persist"),
+        packs=packs or {},
     )
 
 
@@ -290,7 +357,7 @@ def write_manifest(data_dir: Path, manifest: PersistManifest) -> None:
     path = Path(data_dir) / MANIFEST
     write_bytes(path, dump_json(manifest.to_json()))
     st = path.stat()
-    kept = replace(manifest, files=dict(manifest.files), databases=dict(manifest.databases))
+    kept = _copied(manifest)
     _CACHE[str(path)] = ((st.st_size, st.st_mtime_ns, st.st_ino), kept)
 
 

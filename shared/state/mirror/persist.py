@@ -24,14 +24,23 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from shared.state import database
-from shared.state.atomic import TMP_MARK, ensure_dir, fsync_dir, hash_file, write_bytes, write_temp
-from shared.state.errors import StateError
+from shared.state.atomic import (
+    TMP_MARK,
+    ensure_dir,
+    fsync_dir,
+    hash_file,
+    read_small,
+    sync_fs,
+    write_bytes,
+    write_temp,
+)
+from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror.manifest import (
     DataDirReplaced,
@@ -45,6 +54,15 @@ from shared.state.mirror.manifest import (
     write_pending,
     writing,
 )
+from shared.state.mirror.packed import (
+    PACKS_DIR,
+    PackSink,
+    by_pack,
+    pack_file,
+    pack_files,
+    packable,
+    read_slice,
+)
 from shared.state.mirror.scan import (
     META_DIR,
     WORKERS,
@@ -57,12 +75,21 @@ from shared.state.mirror.scan import (
     scan,
 )
 from shared.state.mirror.tantivy import is_index_meta, meta_missing
+from shared.state.packs import PACK_BLOB_MAX
 from shared.state.paths import inside
 from shared.state.progress import Progress, silent
 
 # A recorded mtime this close to the moment we stat'ed may be shared by a later write (coarse kernel clocks):
 # such entries are "racy" and are re-hashed on the next pass, as git does for its index.
 RACY_NS = 100_000_000
+# Compaction: a pass moves at most this many live bytes out of mostly-dead packs; packs under SMALL_PACK bytes are
+# merged once there are more than SMALL_PACKS_MAX of them (a busy server writes one small pack per pass).
+COMPACT_BUDGET = 64 << 20
+# A copy task: neighbouring small files, up to this many or this many bytes.
+BATCH_FILES = 256
+BATCH_BYTES = 8 << 20
+SMALL_PACK = 1 << 20
+SMALL_PACKS_MAX = 64
 
 
 def _db_sig(path: Path) -> list[int]:
@@ -82,7 +109,9 @@ class _Persist:
         self.prev = prev
         self.repair = repair
         old = dict(prev.files) if prev else {}
-        if repair:  # trust only entries whose data-dir file still looks as recorded
+        self.pack_sizes: dict[str, int] = {}
+        if repair:  # trust only entries whose data-dir copy still looks as recorded
+            self.pack_sizes = {i: f.stat().st_size for i, f in pack_files(data).items()}
             old = {p: e for p, e in old.items() if self._data_matches(e)}
         self.old = old
         self.new: dict[str, Entry] = {}
@@ -90,12 +119,18 @@ class _Persist:
         self.copied_bytes = 0
         self.warnings: list[str] = []
         self.pending = False
-        self.published = False  # has this pass changed the data dir yet (beyond its pending marker)?
-        # Where this pass writes its copies before any is renamed into place, and the (copy, final path) pairs.
+        self.published = (
+            False  # has this pass changed what a reader of the data dir sees (beyond its marker)?
+        )
+        # Where this pass writes its packs and copies before any is renamed into place, and the (copy, final) pairs.
         self.staging = data / META_DIR / f"persist{TMP_MARK}{secrets.token_hex(4)}"
         self.staged: list[tuple[Path, Path]] = []
+        self.sink = PackSink(self.staging)
+        self.packs: dict[str, int] = {}  # the packs this pass renamed in, by id: their sizes
 
     def _data_matches(self, e: Entry) -> bool:
+        if e.pack is not None:
+            return self.pack_sizes.get(e.pack, -1) >= e.offset + e.size
         p = self.data / e.path
         try:
             if e.link is not None:
@@ -106,30 +141,55 @@ class _Persist:
         return stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
 
     def _has(self, e: Entry) -> bool:
+        if e.pack is not None:
+            return True  # packs are never changed; repair mode kept only entries whose pack is there
         try:
             return (self.data / e.path).lstat().st_size == e.size
         except OSError:
             return False
 
-    def begin(self) -> None:
+    def stage(self) -> None:
+        """The staging dir: nothing in it is visible to a reader, so no marker is needed yet."""
+        if not self.staging.is_dir():
+            ensure_dir(self.staging, durable=False)
+
+    def mark(self) -> None:
+        """The pending marker, before the first change a reader could see (a plain file renamed over, a deletion)."""
         if not self.pending:
             write_pending(self.data, "persist")
-            ensure_dir(self.staging, durable=False)
             self.pending = True
 
     def stage_name(self) -> Path:
+        self.stage()
         return self.staging / secrets.token_hex(8)
 
     def publish(self) -> None:
-        """Rename every staged copy into place, in the order staged (segments before the meta.json naming them),
-        each directory entry made durable before the next: only now does the data dir change."""
+        """Close this pass's packs, put ONE durability barrier over everything it wrote (packs, copies, databases),
+        then rename the packs in (no manifest names them yet, so no reader sees them) and every staged copy over
+        its path, in the order staged (segments before the meta.json naming them), each directory made durable
+        once at the end. Only the renames of plain files change what a reader sees."""
+        done = self.sink.finish()
+        if not done and not self.staged:
+            return
+        sync_fs(self.data)
+        if done:
+            folder = self.data / PACKS_DIR
+            ensure_dir(folder)
+            for pack_id, (tmp, size) in done.items():
+                os.replace(tmp, pack_file(self.data, pack_id))
+                self.packs[pack_id] = size
+            fsync_dir(folder)
         if self.staged:
+            self.mark()
             self.published = True
+        touched: set[Path] = set()
         for staged, final in self.staged:
             clear_way(self.data, final.relative_to(self.data).as_posix())
             ensure_dir(final.parent)
             os.replace(staged, final)
-            fsync_dir(final.parent)
+            touched.add(final.parent)
+        for d in touched:
+            fsync_dir(d)
         self.staged = []
 
     def copy(self, path: str) -> Entry | None:
@@ -138,14 +198,13 @@ class _Persist:
         old = self.old.get(path)
         size, sha, st = 0, "", None
         copy: Path | None = None  # the staged copy of the last attempt
-        for _ in range(3):
+        for attempt in range(3):
             t0 = time.time_ns()
             try:
                 st = src.lstat()
                 if stat.S_ISLNK(st.st_mode):
                     target = os.readlink(src)
                     if old is None or old.link != target or self.repair:
-                        self.begin()
                         link = self.stage_name()
                         os.symlink(target, link)
                         self.staged.append((link, dst))
@@ -154,21 +213,34 @@ class _Persist:
                     return None
                 mode = stat.S_IMODE(st.st_mode)
                 racy = st.st_mtime_ns >= t0 - RACY_NS
+                if packable(path, st.st_size):
+                    got = self._pack(path, st, mode, racy, old, last=attempt == 2)
+                    if got is not None:
+                        return got
+                    if attempt < 2:
+                        continue  # changed while read: once more
+                    # It grew past the pack limit while read, three times: a plain file, below.
                 if old is not None and old.link is None and old.size == st.st_size and self._has(old):
                     hsize, hsha = hash_file(src)
-                    if hsha == old.sha256 and hsize == old.size:
+                    if hsha == old.sha256 and hsize == old.size and old.pack is None:
                         if (old.mtime_ns, old.mode) != (st.st_mtime_ns, mode):
-                            self.begin()
+                            self.mark()
                             self.published = True
                             os.chmod(dst, mode)
                             os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
                         return replace(old, mtime_ns=st.st_mtime_ns, mode=mode, racy=racy)
-                self.begin()
                 if copy is not None:
                     copy.unlink()  # the source changed under the last attempt
                     copy = None
                 with open(src, "rb", buffering=0) as f:
-                    copy, size, sha = write_temp(self.stage_name(), f, mode=mode, mtime_ns=st.st_mtime_ns)
+                    copy, size, sha = write_temp(
+                        self.stage_name(),
+                        f,
+                        mode=mode,
+                        mtime_ns=st.st_mtime_ns,
+                        durable=False,
+                        writeback=True,
+                    )
                 after = src.lstat()
             except FileNotFoundError:
                 if copy is not None:
@@ -181,9 +253,38 @@ class _Persist:
                 return Entry(path, size, st.st_mtime_ns, mode, sha, racy=racy)
         # Still being written: keep this copy, and make sure the next pass looks again.
         assert st is not None
-        if copy is not None:
-            self.staged.append((copy, dst))
+        if copy is None:
+            return None
+        self.staged.append((copy, dst))
         return Entry(path, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), sha, racy=True)
+
+    def _pack(
+        self, path: str, st: os.stat_result, mode: int, racy: bool, old: Entry | None, last: bool
+    ) -> Entry | None:
+        """A small file into this pass's pack (or kept where it is if its content did not change); None when it
+        changed while read (the caller tries again)."""
+        data = read_small(self.live / path, PACK_BLOB_MAX - 1)
+        after = (self.live / path).lstat()
+        stable = (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and (
+            data is not None and len(data) == st.st_size
+        )
+        if data is None or (not stable and not last):
+            return None
+        racy = racy or not stable
+        sha = hashlib.sha256(data).hexdigest()
+        if old is not None and old.pack is not None and old.size == len(data) and sha == old.sha256:
+            return replace(old, mtime_ns=st.st_mtime_ns, mode=mode, racy=racy)
+        return self._packed(path, data, st, mode, racy, sha)
+
+    def _packed(
+        self, path: str, data: bytes, st: os.stat_result, mode: int, racy: bool, sha: str | None = None
+    ) -> Entry:
+        sha = sha or hashlib.sha256(data).hexdigest()
+        self.stage()
+        pack_id, off = self.sink.add(sha, data)
+        self.copied += 1
+        self.copied_bytes += len(data)
+        return Entry(path, len(data), st.st_mtime_ns, mode, sha, racy=racy, pack=pack_id, offset=off)
 
     def database(self, path: str) -> dict[str, Any]:
         src = self.live / path
@@ -195,10 +296,9 @@ class _Persist:
         if old is not None and old_db and old_db.get("sig") == sig and not old_db.get("racy"):
             self.new[path] = old
             return old_db
-        self.begin()
         copy = self.stage_name()
-        res = database.backup(src, copy, skip_if_sha256=old.sha256 if old else None)
-        if res["unchanged"] and old is not None:
+        res = database.backup(src, copy, skip_if_sha256=old.sha256 if old else None, durable=False)
+        if res["unchanged"] and old is not None and old.pack is None:
             self.new[path] = old
         else:
             self.staged.append((copy, self.data / path))
@@ -221,14 +321,17 @@ class _Persist:
             missing = meta_missing(path, content, self.new)
             if not missing:
                 t0 = time.time_ns()
-                self.begin()
+                mode = stat.S_IMODE(st.st_mode)
+                racy = st.st_mtime_ns >= t0 - RACY_NS or len(content) != st.st_size
+                if packable(path, len(content)):
+                    self.new[path] = self._packed(path, content, st, mode, racy)
+                    return
                 copy = self.stage_name()
-                write_bytes(copy, content, mode=stat.S_IMODE(st.st_mode))
+                write_bytes(copy, content, mode=mode, durable=False)
                 os.utime(copy, ns=(st.st_mtime_ns, st.st_mtime_ns))
                 self.staged.append((copy, self.data / path))
                 size, sha = len(content), _sha(content)
-                racy = st.st_mtime_ns >= t0 - RACY_NS or size != st.st_size
-                self.new[path] = Entry(path, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), sha, racy=racy)
+                self.new[path] = Entry(path, size, st.st_mtime_ns, mode, sha, racy=racy)
                 self.copied += 1
                 self.copied_bytes += size
                 return
@@ -254,6 +357,39 @@ class _Persist:
         for p, e in self.old.items():
             if posixpath.dirname(p) == base and p not in self.new:
                 self.new[p] = e
+
+    def compact(self, sizes: dict[str, int], budget: int = COMPACT_BUDGET) -> int:
+        """Copy the live slices of mostly-dead packs into this pass's pack, so old packs can go: packs whose live
+        bytes are under half their size, and the smallest packs once there are more than SMALL_PACKS_MAX small
+        ones; at most `budget` bytes per pass, so a pass stays short. Returns the bytes moved."""
+        groups = by_pack(self.new)
+        live = {i: sum(e.size for e in g) for i, g in groups.items()}
+        old = [i for i in groups if i in sizes and i not in self.packs]
+        dead = sorted((i for i in old if live[i] * 2 < sizes[i]), key=lambda i: live[i])
+        small = sorted((i for i in old if sizes[i] < SMALL_PACK and i not in dead), key=lambda i: sizes[i])
+        if len(small) > SMALL_PACKS_MAX:
+            dead += small[: len(small) - SMALL_PACKS_MAX // 2]
+        moved = 0
+        for pack_id in dead:
+            if moved >= budget:
+                break
+            try:
+                fd = os.open(pack_file(self.data, pack_id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                slices = [(e, read_slice(fd, e)) for e in groups[pack_id]]
+            except HashMismatch as err:
+                # A damaged pack stays as it is (the next snapshot's verify names it): never spread bad bytes.
+                self.warnings.append(f"pack {pack_id} not compacted: {err}")
+                continue
+            finally:
+                os.close(fd)
+            for e, data in slices:
+                new_pack, off = self.sink.add(e.sha256 or "", data)
+                self.new[e.path] = replace(e, pack=new_pack, offset=off)
+                moved += e.size
+        return moved
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -365,7 +501,7 @@ def _persist(
     # Never "repair" a half-done restore or reset into a state of its own: that would make the mix look healthy.
     refuse_unfinished(data_dir, "persist")
     try:
-        prev = load_manifest(data_dir)
+        prev = load_manifest(data_dir, copy=False)  # read only: the pass builds its own map
     except StateError as err:
         prev = None
         warnings.append(f"unreadable persist manifest ignored ({err})")
@@ -379,7 +515,12 @@ def _persist(
             "hydrate again before persisting"
         )
     repair = prev is None or pending_info(data_dir) is not None
-    nodes = live_tree.nodes()[0] if live_tree is not None else scan(live_root)
+    if live_tree is not None:
+        nodes, changed = live_tree.nodes()
+        if not changed and not repair and prev is not None and _quiet(live_root, prev):
+            return _unchanged(prev, warnings)
+    else:
+        nodes = scan(live_root)
     run = _Persist(live_root, data_dir, prev, repair)
     runs.append(run)
     # Read each changed meta.json now, before any segment is copied: the copy we publish names only segments that
@@ -404,10 +545,10 @@ def _persist(
             if node.link is not None and old.link == node.link:
                 run.new[path] = old
                 continue
-            if node.link is None and (old.size, old.mtime_ns, old.mode) == (
-                node.size,
-                node.mtime_ns,
-                node.mode,
+            if (
+                node.link is None
+                and (old.size, old.mtime_ns, old.mode) == (node.size, node.mtime_ns, node.mode)
+                and (old.pack is not None or not packable(path, old.size))  # else: a plain small file to pack
             ):
                 run.new[path] = old
                 continue
@@ -416,12 +557,21 @@ def _persist(
     prog = progress or silent()
     # The databases are copied (backup API + check) after the files: part of the work the ETA counts.
     prog.set_totals(len(todo) + len(dbs), sum(nodes[p].size for p in [*todo, *dbs]))
+    todo.sort()  # neighbours share a pack: a hydrate then creates files directory by directory
+
+    def copy_batch(batch: list[str]) -> list[tuple[str, Entry | None]]:
+        out = [(p, run.copy(p)) for p in batch]
+        prog.add(len(batch), sum(nodes[p].size for p in batch))
+        return out
+
+    done = 0
     with worker_pool(WORKERS) as pool:
-        for done, (path, entry) in enumerate(zip(todo, pool.map(run.copy, todo), strict=True)):
-            if entry is not None:
-                run.new[path] = entry
+        for results in pool.map(copy_batch, list(_batches(todo, nodes))):
+            for path, entry in results:
+                if entry is not None:
+                    run.new[path] = entry
+            done += len(results)
             _check_deadline(deadline, done, len(todo) + len(dbs))
-            prog.add(1, nodes[path].size)
     databases = {p: run.database(p) for p in dbs}
     _check_deadline(deadline, len(todo), len(todo) + len(dbs))
     prog.add(len(dbs), sum(nodes[p].size for p in dbs))
@@ -431,20 +581,20 @@ def _persist(
         else:
             run.meta(p, *item)
 
+    sizes = {**(prev.packs if prev else {}), **run.pack_sizes} if repair else dict(prev.packs if prev else {})
+    same = (
+        prev is not None
+        and not repair
+        and not run.staged
+        and not run.copied
+        and not run.published
+        and prev.files == run.new
+        and prev.databases == databases
+    )
+    if not same:
+        run.compact(sizes)
     run.publish()
-    # Deletions come after every addition, so the index never names a segment that is gone.
-    tmp_files: list[str] = []
-    existing = set(scan(data_dir, tmp_files=tmp_files)) if repair else set(prev.files if prev else ())
-    gone = sorted(existing - set(run.new))
-    if gone or tmp_files:
-        run.begin()
-        run.published |= bool(gone)
-        for p in gone:
-            remove(data_dir, p)
-        for p in tmp_files:
-            remove(data_dir, p, tree=True)
-        prune_empty_dirs(data_dir, [*gone, *tmp_files])
-
+    sizes.update(run.packs)
     manifest = PersistManifest(
         files=run.new,
         databases=databases,
@@ -452,16 +602,33 @@ def _persist(
         seq=(prev.seq + 1) if prev else 1,
         epoch=(prev.epoch if prev and prev.epoch else secrets.token_hex(8)),
         origin="persist",
+        packs={i: sizes[i] for i in {e.pack for e in run.new.values() if e.pack is not None}},
     )
-    same = (
-        prev is not None
-        and not repair
-        and not run.pending
-        and prev.files == manifest.files
-        and prev.databases == manifest.databases
-    )
+    # Plain files the new manifest no longer has at their paths (deleted, or now packed): removed after the
+    # manifest, so the index it names is always whole. The marker goes first, so a crash between the two leaves a
+    # pass the next one repairs.
+    tmp_files: list[str] = []
+    if repair:
+        existing = set(scan(data_dir, tmp_files=tmp_files))
+    else:
+        existing = {p for p, e in prev.files.items() if e.pack is None} if prev else set()
+    gone = sorted(p for p in existing if p not in run.new or run.new[p].pack is not None)
+    if gone or tmp_files:
+        run.mark()
     if not same:
         write_manifest(data_dir, manifest)
+    if gone or tmp_files:
+        run.published |= bool(gone)
+        for p in gone:
+            remove(data_dir, p)
+        for p in tmp_files:
+            remove(data_dir, p, tree=True)
+        prune_empty_dirs(data_dir, [*gone, *tmp_files])
+    if not same:
+        for pack_id, f in pack_files(data_dir).items():
+            if pack_id not in manifest.packs:
+                f.unlink(missing_ok=True)  # no manifest names it any more (compacted, or left by a crash)
+    if not same or run.pending:
         clear_pending(data_dir)
     prog.finish()
     return {
@@ -476,5 +643,52 @@ def _persist(
         "repaired": repair,
         "epoch": manifest.epoch,
         "seq": prev.seq if same and prev else manifest.seq,
+        "packs": len(manifest.packs),
         "warnings": warnings + run.warnings,
+    }
+
+
+def _batches(todo: list[str], nodes: dict[str, Node]) -> Iterator[list[str]]:
+    """Neighbouring paths in one task (a future per file costs more than a small file's copy): up to BATCH_FILES
+    files or BATCH_BYTES bytes; a large file is a task of its own."""
+    batch: list[str] = []
+    size = 0
+    for p in todo:
+        n = nodes[p].size
+        if n >= PACK_BLOB_MAX:
+            yield [p]
+            continue
+        batch.append(p)
+        size += n
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _quiet(live_root: Path, prev: PersistManifest) -> bool:
+    """Nothing to do, when the change journal saw nothing: the databases' signatures are as recorded (SQLite writes
+    in place through mmap too) and no entry waits for a re-hash."""
+    for p, d in prev.databases.items():
+        if d.get("racy") or d.get("sig") != _db_sig(live_root / p):
+            return False
+    return not any(e.racy for e in prev.files.values())
+
+
+def _unchanged(prev: PersistManifest, warnings: list[str]) -> dict[str, Any]:
+    return {
+        "changed": 0,
+        "copied_bytes": 0,
+        "deleted": 0,
+        "files": len(prev.files),
+        "bytes": prev.bytes,
+        "databases": {p: d.get("check") for p, d in prev.databases.items()},
+        "wrote_manifest": False,
+        "committed": False,
+        "repaired": False,
+        "epoch": prev.epoch,
+        "seq": prev.seq,
+        "packs": len(prev.packs),
+        "warnings": warnings,
     }
