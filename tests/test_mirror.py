@@ -14,6 +14,7 @@ import pytest
 from shared.state import database, mirror
 from shared.state.atomic import hash_file, is_tmp
 from shared.state.errors import StateError
+from tests.harness import damage_mirrored, mirrored, mirrored_bytes, mirrored_names, volume_files
 from tests.tabby_root import counter_values, make_root, read_meta, tantivy_commit, tree_state
 
 SEED = 7
@@ -44,12 +45,15 @@ def data_is_consistent(data: Path) -> None:
     for p, e in m.files.items():
         if e.link is not None:
             assert os.readlink(data / p) == e.link
+        elif e.pack is not None:
+            assert mirrored_bytes(data, p)  # its slice hashes to the manifest's sha256
+            assert not (data / p).exists(), f"{p}: packed, and a plain copy left at its path"
         else:
             assert hash_file(data / p) == (e.size, e.sha256), p
     assert database.check_file(data / "ee/db.sqlite") == "ok"
     for p in m.files:
         if mirror.is_index_meta(p):
-            assert mirror.meta_missing(p, (data / p).read_bytes(), m.files) == [], p
+            assert mirror.meta_missing(p, mirrored_bytes(data, p), m.files) == [], p
 
 
 def test_roundtrip_keeps_content_modes_mtimes_and_links(live, tmp_path):
@@ -120,7 +124,7 @@ def test_only_changed_files_are_copied(live, tmp_path):
     os.utime(live / "config.toml")  # touched, same content: hashed, not copied
     res = mirror.persist(live, data)
     assert res["changed"] == 1 and res["copied_bytes"] == day.stat().st_size
-    assert (data / "events" / day.name).read_bytes() == day.read_bytes()
+    assert mirrored_bytes(data, f"events/{day.name}") == day.read_bytes()
     data_is_consistent(data)
 
 
@@ -135,7 +139,7 @@ def test_same_size_rewrite_inside_the_racy_window_is_caught(live, tmp_path):
     cfg.write_bytes(b"B" * 40)
     os.utime(cfg, ns=(mtime, mtime))  # same size, same mtime: only the racy flag tells
     mirror.persist(live, data)
-    assert (data / "config.toml").read_bytes() == b"B" * 40
+    assert mirrored_bytes(data, "config.toml") == b"B" * 40
 
 
 def test_commits_only_complete_states_while_the_root_changes(live, tmp_path):
@@ -163,9 +167,12 @@ def test_commits_only_complete_states_while_the_root_changes(live, tmp_path):
     conn.close()
     assert len(commits) == 25
     # The data dir's index names only the live segments: old ones were collected after the new meta.json.
-    assert read_meta(data / "index/corpus")["segments"] == read_meta(live / "index/corpus")["segments"]
+    assert (
+        json.loads(mirrored_bytes(data, "index/corpus/meta.json"))["segments"]
+        == read_meta(live / "index/corpus")["segments"]
+    )
     live_segments = {p.name for p in (live / "index/corpus").iterdir() if not p.name.startswith(".")}
-    assert {p.name for p in (data / "index/corpus").iterdir() if not p.name.startswith(".")} == live_segments
+    assert {n for n in mirrored_names(data, "index/corpus") if not n.startswith(".")} == live_segments
     assert rows(data / "ee/db.sqlite") == 55
 
 
@@ -179,8 +186,8 @@ def test_type_changes_and_deletions(live, tmp_path):
     (live / "config.toml/inner").write_text("x")
     res = mirror.persist(live, data)
     assert res["deleted"] >= 8
-    assert (data / "ee/jobs").read_text() == "now a file\n"
-    assert (data / "config.toml/inner").read_text() == "x"
+    assert mirrored_bytes(data, "ee/jobs") == b"now a file\n"
+    assert mirrored_bytes(data, "config.toml/inner") == b"x"
     data_is_consistent(data)
 
 
@@ -224,14 +231,24 @@ def test_hydrate_over_an_existing_root_removes_stale_files_and_sidecars(live, tm
 
 def test_hydrate_after_an_interrupted_persist_takes_the_tree_as_it_stands(live, tmp_path):
     data, back = tmp_path / "data", tmp_path / "back"
+    (live / "index/big.bin").write_bytes(os.urandom(3 << 20))  # a plain file in the data dir (>= 1 MiB)
     mirror.persist(live, data)
-    mirror.write_pending(data, "persist")  # as a killed persist leaves it, with a newer file in place
-    (data / "config.toml").write_text("newer\n")
+    assert mirrored(data)["config.toml"].pack is not None and mirrored(data)["index/big.bin"].pack is None
+    # As a killed persist leaves it: a newer plain file renamed in, and a plain copy of a packed file that the
+    # pass had not removed yet (older than the manifest that packed it).
+    mirror.write_pending(data, "persist")
+    newer = os.urandom(2 << 20)
+    (data / "index/big.bin").write_bytes(newer)
+    (data / "config.toml").write_text("stale plain copy\n")
     res = mirror.hydrate(data, back)
-    assert res["checked"] == "tree" and (back / "config.toml").read_text() == "newer\n"
+    assert res["checked"] == "tree"
+    assert (back / "index/big.bin").read_bytes() == newer
+    assert (back / "config.toml").read_bytes() == (live / "config.toml").read_bytes()
     again = mirror.persist(live, data)  # the next persist repairs the data dir
     assert again["repaired"] and mirror.pending_info(data) is None
-    assert (data / "config.toml").read_bytes() == (live / "config.toml").read_bytes()
+    assert mirrored_bytes(data, "index/big.bin") == (live / "index/big.bin").read_bytes()
+    assert not (data / "config.toml").exists()  # the stale plain copy is gone
+    data_is_consistent(data)
 
 
 def _corrupt_db_but_keep_manifest_honest(data: Path) -> None:
@@ -241,33 +258,34 @@ def _corrupt_db_but_keep_manifest_honest(data: Path) -> None:
     db.write_bytes(bytes(raw))
     doc = json.loads((data / mirror.MANIFEST).read_bytes())
     for f in doc["files"]:
-        if f["path"] == "ee/db.sqlite":
-            f["sha256"] = hash_file(db)[1]
-            f["size"] = db.stat().st_size
-            f["mtime_ns"] = db.stat().st_mtime_ns
+        if f[0] == "ee/db.sqlite":
+            f[4] = hash_file(db)[1]
+            f[1] = db.stat().st_size
+            f[2] = db.stat().st_mtime_ns
     (data / mirror.MANIFEST).write_bytes(json.dumps(doc).encode())
 
 
 @pytest.mark.parametrize(
-    "damage", ["db-fails-check", "file-changed", "file-grew", "file-shrank", "file-missing"]
+    "damage", ["db-fails-check", "file-changed", "file-grew", "file-shrank", "file-missing", "pack-missing"]
 )
 def test_hydrate_refuses_damaged_state_and_touches_nothing(live, tmp_path, damage):
     data, back = tmp_path / "data", tmp_path / "back"
+    (live / "index/big.bin").write_bytes(os.urandom(3 << 20))
     mirror.persist(live, data)
     make_root(back, size_mb=0.1, seed=3)
     if damage == "db-fails-check":
         _corrupt_db_but_keep_manifest_honest(data)
     elif damage == "file-changed":
-        f = next((data / "index").glob("*.idx"))
-        raw = bytearray(f.read_bytes())
-        raw[0] ^= 0xFF
-        f.write_bytes(bytes(raw))
-    elif damage in ("file-grew", "file-shrank"):
-        f = next((data / "index").glob("*.pos"))
-        raw = f.read_bytes()
-        f.write_bytes(raw + b"x" if damage == "file-grew" else raw[:-1])
-    else:
-        next((data / "index").glob("*.term")).unlink()
+        damage_mirrored(data, next(p for p in mirrored(data) if p.endswith(".idx")), "flip")
+    elif damage == "pack-missing":
+        damage_mirrored(data, next(p for p in mirrored(data) if p.endswith(".term")), "missing")
+    else:  # a plain file (>= 1 MiB) changed size, or is gone
+        f = data / "index/big.bin"
+        if damage == "file-missing":
+            f.unlink()
+        else:
+            raw = f.read_bytes()
+            f.write_bytes(raw + b"x" if damage == "file-grew" else raw[:-1])
     before_live, before_data = tree_state(back), tree_state(data)
     with pytest.raises(StateError) as err:
         mirror.hydrate(data, back)
@@ -277,11 +295,13 @@ def test_hydrate_refuses_damaged_state_and_touches_nothing(live, tmp_path, damag
     assert [p.name for p in tmp_path.iterdir() if is_tmp(p.name)] == []
 
 
-BAD_FILES = {
-    "absolute": {"path": "/etc/passwd", "size": 1, "mtime_ns": 0, "mode": 420, "sha256": "0" * 64},
-    "dotdot": {"path": "ee/../../x", "size": 1, "mtime_ns": 0, "mode": 420, "sha256": "0" * 64},
-    "link-out": {"path": "repositories/escape", "link": "../../etc", "mode": 511},
-    "link-absolute": {"path": "repositories/escape", "link": "/etc", "mode": 511},
+BAD_FILES = {  # format-2 rows: [path, size, mtime_ns, mode, sha256, pack, offset, racy] or [path, link]
+    "absolute": ["/etc/passwd", 1, 0, 420, "0" * 64, None, 0, 0],
+    "dotdot": ["ee/../../x", 1, 0, 420, "0" * 64, None, 0, 0],
+    "link-out": ["repositories/escape", "../../etc"],
+    "link-absolute": ["repositories/escape", "/etc"],
+    "unlisted-pack": ["ee/x", 1, 0, 420, "0" * 64, "0123456789abcdef", 0, 0],
+    "past-its-pack": ["ee/x", 1 << 30, 0, 420, "0" * 64, "PACK", 0, 0],
 }
 
 
@@ -292,7 +312,10 @@ def test_hydrate_refuses_unsafe_manifests_and_writes_nothing(live, tmp_path, bad
     path = data / mirror.MANIFEST
     doc = json.loads(path.read_bytes())
     if bad in BAD_FILES:
-        doc["files"].append(BAD_FILES[bad])
+        row = list(BAD_FILES[bad])
+        if row[5:6] == ["PACK"]:
+            row[5] = next(iter(doc["packs"]))
+        doc["files"].append(row)
         path.write_bytes(json.dumps(doc).encode())
     elif bad == "duplicate":
         doc["files"].append(doc["files"][0])

@@ -634,7 +634,7 @@ def _persist(
     return {
         "changed": run.copied,
         "copied_bytes": run.copied_bytes,
-        "deleted": len(gone),
+        "deleted": sum(p not in run.new for p in (prev.files if prev else ())) if not same else 0,
         "files": len(manifest.files),
         "bytes": manifest.bytes,
         "databases": {p: d["check"] for p, d in databases.items()},
