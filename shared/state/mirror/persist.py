@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.state import database
+from shared.state import database, fault_points
 from shared.state.atomic import (
     TMP_MARK,
     ensure_dir,
@@ -171,7 +171,9 @@ class _Persist:
         done = self.sink.finish()
         if not done and not self.staged:
             return
+        fault_points.reached("persist")  # written, not yet durable, nothing named
         sync_fs(self.data)
+        fault_points.reached("persist")  # durable, nothing renamed
         if done:
             folder = self.data / PACKS_DIR
             ensure_dir(folder)
@@ -188,6 +190,7 @@ class _Persist:
             ensure_dir(final.parent)
             os.replace(staged, final)
             touched.add(final.parent)
+            fault_points.reached("persist")
         for d in touched:
             fsync_dir(d)
         self.staged = []
@@ -616,11 +619,14 @@ def _persist(
     if gone or tmp_files:
         run.mark()
     if not same:
+        fault_points.reached("persist")  # before the manifest
         write_manifest(data_dir, manifest)
+        fault_points.reached("persist")  # after it
     if gone or tmp_files:
         run.published |= bool(gone)
         for p in gone:
             remove(data_dir, p)
+            fault_points.reached("persist")
         for p in tmp_files:
             remove(data_dir, p, tree=True)
         prune_empty_dirs(data_dir, [*gone, *tmp_files])
@@ -628,6 +634,7 @@ def _persist(
         for pack_id, f in pack_files(data_dir).items():
             if pack_id not in manifest.packs:
                 f.unlink(missing_ok=True)  # no manifest names it any more (compacted, or left by a crash)
+                fault_points.reached("persist")
     if not same or run.pending:
         clear_pending(data_dir)
     prog.finish()
