@@ -14,7 +14,7 @@ import pytest
 from shared.state import database, mirror
 from shared.state.atomic import hash_file, is_tmp
 from shared.state.errors import StateError
-from tests.harness import damage_mirrored, mirrored, mirrored_bytes, mirrored_names, volume_files
+from tests.harness import damage_mirrored, mirrored, mirrored_bytes, mirrored_names
 from tests.tabby_root import counter_values, make_root, read_meta, tantivy_commit, tree_state
 
 SEED = 7

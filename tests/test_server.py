@@ -15,7 +15,7 @@ from shared.serving.server import TabbyServer
 from shared.serving.supervisor import group_members
 from shared.settings import load_settings
 from shared.state import mirror
-from tests.harness import TOKEN, free_port, poll, serve_asgi, tabby_wrapper
+from tests.harness import TOKEN, free_port, mirrored_bytes, poll, serve_asgi, tabby_wrapper
 from tests.standin_tabby import migrate, register_user
 
 SETUP = "6f1c1b7e-3a52-4d0e-9a55-2f8d0c6c3c11"
@@ -308,7 +308,7 @@ def test_config_toml_reaches_tabby_and_the_users_part_survives(tmp_path, harness
     assert got["embedding_enabled"] == "yes"
     assert got["completion_model_id"] == "TabbyML/StarCoder-1B"  # the flag (not baked here)
     h.server.stop()
-    persisted = (h.data / "config.toml").read_text()
+    persisted = mirrored_bytes(h.data, "config.toml").decode()
     assert persisted.startswith(user) and str(baked) in persisted
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from shared.state import mirror
 from shared.state.locks.lease import DirDict
+from shared.state.mirror.packed import pack_file
 from shared.state.store import Store
 from tests.conftest import BIN, clean_env
 from tests.harness import poll
@@ -153,7 +154,13 @@ def check_data_dir(box: Path, live: Path, tmp: Path, where: str, tally: Tally, *
         return
     for p, e in manifest.files.items():
         got = box / "data" / p
-        if e.link is None and (not got.is_file() or got.stat().st_size != e.size):
+        if e.pack is not None:
+            got = pack_file(
+                box / "data", e.pack
+            )  # a packed file: its pack holds it (hydrate checks the bytes)
+            if not got.is_file() or got.stat().st_size < e.offset + e.size:
+                tally.failures.append(f"{where}: {p}: its pack {e.pack} is not in the data dir")
+        elif e.link is None and (not got.is_file() or got.stat().st_size != e.size):
             tally.failures.append(f"{where}: {p} is not in the data dir as the manifest says")
             return
     if hydrate:

@@ -563,8 +563,10 @@ def _persist(
     todo.sort()  # neighbours share a pack: a hydrate then creates files directory by directory
 
     def copy_batch(batch: list[str]) -> list[tuple[str, Entry | None]]:
-        out = [(p, run.copy(p)) for p in batch]
-        prog.add(len(batch), sum(nodes[p].size for p in batch))
+        out = []
+        for p in batch:
+            out.append((p, run.copy(p)))
+            prog.add(1, nodes[p].size)
         return out
 
     done = 0

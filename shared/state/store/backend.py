@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from shared.state.atomic import ensure_dir, fsync_dir, sync_fs, write_bytes, write_stream, write_temp
-from shared.state.paths import check_relpath
 from shared.state.packs import PACK_TARGET, PackSlice, PackWriter, parse_pack_index
+from shared.state.paths import check_relpath
 
 
 def blob_name(sha256: str) -> str:

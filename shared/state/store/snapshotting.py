@@ -19,10 +19,10 @@ from shared.state.atomic import hash_file, read_small, read_upto
 from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
+from shared.state.packs import PACK_BLOB_MAX
 from shared.state.paths import check_relpath, check_tree
 from shared.state.store.backend import blob_name, snapshot_name
 from shared.state.store.core import FORMAT, StoreCore, new_id
-from shared.state.packs import PACK_BLOB_MAX
 from shared.state.store.verify import drill
 
 PENDING_WAIT = 30.0  # how long a snapshot waits for a persist running on this host to finish
