@@ -35,9 +35,11 @@ import pytest
 from shared.state import atomic, database, mirror, space
 from shared.state.atomic import sync_fs, write_stream
 from shared.state.errors import DiskFull, StateError
+from shared.state.mirror.packed import PACKS_DIR, pack_file, read_packed
 from shared.state.store import Store
 from shared.state.store import backend as backend_mod
 from tests.conftest import BIN, clean_env
+from tests.harness import mirrored_hashes
 from tests.tabby_root import make_root
 
 persist_mod = sys.modules["shared.state.mirror.persist"]  # the module (the package exports the function)
@@ -124,7 +126,11 @@ def _sha(path: Path) -> str:
 
 
 def hashes(root: Path, *, skip: tuple[str, ...] = (".tabby-modal/", "models/")) -> dict[str, str]:
-    """sha256 of every regular file under `root` (links as `->target`), by relative path."""
+    """sha256 of every regular file under `root` (links as `->target`), by relative path; of a data dir, what it
+    holds (packed files read through the manifest, every slice checked)."""
+    if (root / mirror.MANIFEST).is_file():
+        held = mirrored_hashes(root)
+        return {k: v for k, v in held.items() if not (k.startswith(skip) or k.endswith(".lock"))}
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
@@ -147,15 +153,23 @@ def temp_files(root: Path) -> list[str]:
 
 
 def assert_manifest_true(data: Path) -> None:
-    """Every size and hash the persist manifest records is what the file on disk holds."""
-    doc = json.loads((data / mirror.MANIFEST).read_bytes())
-    for e in doc["files"]:
-        if "link" in e:
-            assert os.readlink(data / e["path"]) == e["link"]
+    """Every size and hash the persist manifest records is what the data dir holds (a plain file, or its pack's
+    slice), and every pack it names is there at its recorded size."""
+    m = mirror.load_manifest(data)
+    assert m is not None
+    for pack_id, size in m.packs.items():
+        assert pack_file(data, pack_id).stat().st_size == size, pack_id
+    for path, e in m.files.items():
+        if e.link is not None:
+            assert os.readlink(data / path) == e.link
             continue
-        p = data / e["path"]
-        assert p.stat().st_size == e["size"], (e["path"], p.stat().st_size, e["size"])
-        assert _sha(p) == e["sha256"], e["path"]
+        if e.pack is not None:
+            got = read_packed(data, e)  # raises on a short slice or a hash that differs
+            assert len(got) == e.size
+            continue
+        p = data / path
+        assert p.stat().st_size == e.size, (path, p.stat().st_size, e.size)
+        assert _sha(p) == e.sha256, path
 
 
 def assert_whole_copies(copy: Path, *sources: dict[str, str]) -> None:
@@ -528,6 +542,7 @@ class Events:
         monkeypatch.setattr(os, "unlink", unlink)
         monkeypatch.setattr(backend_mod, "sync_fs", syncfs)
         monkeypatch.setattr(atomic, "sync_fs", syncfs)
+        monkeypatch.setattr(persist_mod, "sync_fs", syncfs)
 
     def index(self, kind: str, match: Callable[[tuple[str, ...]], bool]) -> list[int]:
         return [i for i, e in enumerate(self.log) if e[0] == kind and match(e)]
@@ -549,18 +564,23 @@ def test_persist_fsyncs_every_copy_before_its_manifest(
     mirror.persist(live, data)
     manifest = str(data / mirror.MANIFEST)
     (m_at,) = ev.index("rename", lambda e: e[2] == manifest)
+    packs = str(data / PACKS_DIR)
     renames = [
         e
         for e in ev.log[:m_at]
-        if e[0] == "rename" and e[2].startswith(str(data)) and mirror.META_DIR not in e[2]
+        if e[0] == "rename"
+        and e[2].startswith(str(data))
+        and (mirror.META_DIR not in e[2] or e[2].startswith(packs))
     ]
-    assert len(renames) >= 20
+    # The database, big.bin, and the packs holding every small file (a plain file each in format 1).
+    assert len(renames) >= 3 and any(e[2].startswith(packs) for e in renames)
     for event in renames:
         at, final, inode = ev.log.index(event), event[2], event[3]
         synced = ev.index("fsync", lambda e, inode=inode: e[2] == inode)  # this file, under any of its names
         barrier = ev.index("syncfs", lambda e: True)
         if not os.path.islink(final):  # a link's target lives in its directory entry
-            assert any(i < at for i in synced) or any(at < i < m_at for i in barrier), (
+            # Its bytes durable: fsynced, or under a syncfs barrier, before the manifest names it.
+            assert any(i < at for i in synced + barrier) or any(at < i < m_at for i in barrier), (
                 f"{final}: never fsynced"
             )
         parent = os.path.dirname(final)
