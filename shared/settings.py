@@ -165,7 +165,11 @@ class Settings(BaseSettings):
         False, description="Split mode: GPU memory snapshot of the inference class (Modal alpha; unmeasured)."
     )
     server_cpu: float = Field(
-        2.0, gt=0, le=64, description="Split mode: CPU cores of the Tabby (webserver) container."
+        2.0,
+        gt=0,
+        le=64,
+        description="CPU cores reserved for the Tabby container (both modes): its webserver, and the copy pools "
+        "of hydrate and persist (two threads per core).",
     )
     server_memory: int = Field(
         4096, ge=512, le=262144, description="Split mode: memory (MiB) of the Tabby (webserver) container."

@@ -60,6 +60,7 @@ def test_function_options_from_settings(no_modal_env):
     options = function_options(settings)
     assert set(options) == {
         "gpu",
+        "cpu",
         "volumes",
         "secrets",
         "max_containers",
@@ -73,6 +74,7 @@ def test_function_options_from_settings(no_modal_env):
     assert options["timeout"] == 7200
     assert options["startup_timeout"] == 1200 + STARTUP_MARGIN
     assert options["gpu"] == "L4"
+    assert options["cpu"] == settings.server_cpu == 2.0
     assert options["env"] == settings.container_env()
     assert "TABBY_MODAL_SETUP_TOKEN" not in options["env"]  # secrets come from the Modal secret only
     assert list(options["volumes"]) == ["/data"]

@@ -78,6 +78,9 @@ def function_options(settings: Settings, *, volume: Any = None, secret: Any = No
         secret = modal.Secret.from_name(settings.secret_name, environment_name=settings.modal_environment)
     return {
         "gpu": settings.gpu_spec(),
+        # Cores for Tabby's webserver and for our copy pools: hydrate at start and every persist pass run two
+        # threads per core (shared/state/cores.py); docs/benchmarks.md has the hydrate's scaling.
+        "cpu": settings.server_cpu,
         **split_options(settings),  # split mode (issue 20): no GPU, CPU and memory from settings
         "volumes": {settings.data_mount: volume},
         "secrets": [secret],

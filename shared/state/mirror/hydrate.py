@@ -31,6 +31,7 @@ from shared.state.mirror.manifest import (
 )
 from shared.state.mirror.packed import by_pack, pack_file, read_slice, tree_view
 from shared.state.mirror.scan import (
+    WORKERS,
     clear_way,
     prune_empty_dirs,
     remove,
@@ -40,8 +41,6 @@ from shared.state.paths import check_tree, inside
 from shared.state.progress import Progress, silent
 
 SMALL_FILE = 1 << 20  # hydrate reads a file below this size whole, then writes it in one go
-# File creation, not bytes, bounds a hydrate of small files; creates in different directories run in parallel.
-HYDRATE_WORKERS = max(4, 2 * (os.cpu_count() or 1))
 BATCH_FILES = 256
 
 
@@ -175,7 +174,7 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
             for b in _batches(sorted((e for e in entries.values() if e.pack is None), key=lambda e: e.path))
         ]
         tasks.sort(key=lambda t: -sum(e.size for e in t[1]))  # the biggest first: the pool ends together
-        with worker_pool(HYDRATE_WORKERS) as pool:
+        with worker_pool(WORKERS) as pool:
             list(pool.map(run, tasks))
         for p, e in entries.items():
             if e.link is not None and not inside(staging, staging / p):

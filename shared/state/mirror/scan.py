@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.state import database
 from shared.state.atomic import is_tmp
+from shared.state.cores import copy_workers
 from shared.state.paths import link_escapes
 
 META_DIR = ".tabby-modal"
@@ -22,7 +23,7 @@ META_DIR = ".tabby-modal"
 # Top-level dirs never mirrored: models live in the image, META_DIR is ours.
 EXCLUDED_TOP = frozenset({"models", META_DIR})
 SQLITE_BASES = (".sqlite", ".sqlite3", ".db")
-WORKERS = min(4, (os.cpu_count() or 1) + 1)
+WORKERS = copy_workers()  # threads of the copy pools: two per core the container may use
 
 
 @dataclass(frozen=True, slots=True)
