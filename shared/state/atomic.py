@@ -301,7 +301,7 @@ def current_umask() -> int | None:
 
 
 def write_new_bytes(
-    dst: Path, data: bytes, *, mode: int, mtime_ns: int | None = None, umask: int | None = None
+    dst: Path, data: bytes | memoryview, *, mode: int, mtime_ns: int | None = None, umask: int | None = None
 ) -> None:
     """Create `dst` (it must not exist) holding `data`, with `mode` and `mtime_ns`, in a private staging tree: no
     temp name, no fsync (the caller puts one barrier over the whole tree). Few system calls, for many small files:

@@ -29,7 +29,7 @@ from shared.state.mirror.manifest import (
     pending_info,
     refuse_unfinished,
 )
-from shared.state.mirror.packed import by_pack, pack_file, read_slice, tree_view
+from shared.state.mirror.packed import by_pack, pack_file, read_slices, tree_view
 from shared.state.mirror.scan import (
     WORKERS,
     clear_way,
@@ -138,8 +138,7 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
             # before its file is created.
             fd = os.open(pack_file(data_dir, group[0].pack or ""), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                for e in group:
-                    data = read_slice(fd, e)
+                for e, data in read_slices(fd, group):
                     write_new_bytes(staging / e.path, data, mode=e.mode, mtime_ns=e.mtime_ns, umask=umask)
             finally:
                 os.close(fd)
