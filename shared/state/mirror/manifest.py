@@ -285,7 +285,7 @@ class PersistManifest:
             "bytes": self.bytes,
             "databases": [{"path": p, **d} for p, d in sorted(self.databases.items())],
             "packs": dict(sorted(self.packs.items())),
-            "files": [e.to_row() for _, e in sorted(self.files.items())],
+            "files": [self.files[p].to_row() for p in sorted(self.files)],
         }
 
 
