@@ -39,7 +39,7 @@ from shared.state.mirror.packed import PACKS_DIR, pack_file, read_packed
 from shared.state.store import Store
 from shared.state.store import backend as backend_mod
 from tests.conftest import BIN, clean_env
-from tests.harness import mirrored_hashes
+from tests.harness import mirrored, mirrored_hashes
 from tests.tabby_root import make_root
 
 persist_mod = sys.modules["shared.state.mirror.persist"]  # the module (the package exports the function)
@@ -206,6 +206,27 @@ def test_hydrate_on_a_full_disk_fails_whole(tmp_path: Path, small_disk: Callable
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # staging and temps gone
     assert space.free_bytes(disk) == free
     assert hashes(tmp_path / "dir/data") == data_before
+
+
+def test_hydrate_of_packed_small_files_on_a_full_disk_fails_whole(
+    tmp_path: Path, small_disk: Callable[[int], Path]
+) -> None:
+    """Small files come out of packs in batches (one write per file, no temp names): a disk that fills half-way
+    through gives the same one line, exit 2, and leaves nothing behind."""
+    live = live_root(tmp_path / "live", big=False)
+    for i in range(1500):
+        f = live / f"repositories/r/d{i % 30}/f{i}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(os.urandom(2000))
+    mirror.persist(live, tmp_path / "dir/data")
+    assert sum(e.pack is not None for e in mirrored(tmp_path / "dir/data").values()) > 1500
+    disk = small_disk(8 << 20)
+    free = leave_free(disk, 2 << 20)  # room for about half of the ~4.5 MiB
+    got = cli(["hydrate", "--root", str(disk / "root"), "--local", str(tmp_path / "dir")], tmp_path)
+    assert_disk_full(got, disk)
+    assert not (disk / "root").exists()
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    assert space.free_bytes(disk) == free
 
 
 def test_hydrate_over_an_existing_root_on_a_full_disk_leaves_it(

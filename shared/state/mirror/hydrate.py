@@ -19,6 +19,7 @@ from shared.state.atomic import (
     current_umask,
     read_small,
     write_new_bytes,
+    write_new_files,
     write_private,
 )
 from shared.state.errors import HashMismatch, StateError
@@ -138,8 +139,11 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
             # before its file is created.
             fd = os.open(pack_file(data_dir, group[0].pack or ""), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                for e, data in read_slices(fd, group):
-                    write_new_bytes(staging / e.path, data, mode=e.mode, mtime_ns=e.mtime_ns, umask=umask)
+                write_new_files(
+                    staging,
+                    ((e.path, data, e.mode, e.mtime_ns) for e, data in read_slices(fd, group)),
+                    umask=umask,
+                )
             finally:
                 os.close(fd)
             prog.add(len(group), sum(e.size for e in group))
