@@ -180,6 +180,7 @@ class _Persist:
             for pack_id, (tmp, size) in done.items():
                 os.replace(tmp, pack_file(self.data, pack_id))
                 self.packs[pack_id] = size
+            self.sink.done = {}
             fsync_dir(folder)
         if self.staged:
             self.mark()
@@ -482,6 +483,7 @@ def persist(
             raise
         finally:
             if runs:
+                runs[0].sink.abort()  # packs of a pass that did not get to rename them (a no-op after publish)
                 shutil.rmtree(runs[0].staging, ignore_errors=True)
     if commit is not None:
         commit()
