@@ -141,3 +141,65 @@ async def serve_asgi(app: Any, kind: str = "asgi_host", *, lifespan: bool = True
     finally:
         server.should_exit = True
         await task
+
+
+# --- Reading a data dir the way hydrate does: small files live in packs (shared.state.mirror.packed) ----------
+
+
+def mirrored(data: Path) -> dict[str, Any]:
+    """What the data dir holds, by path (its manifest's entries; the tree as it stands under a pending marker)."""
+    from shared.state import mirror
+    from shared.state.mirror.packed import tree_view
+
+    m = mirror.load_manifest(data)
+    if m is not None and mirror.pending_info(data) is None:
+        return m.files
+    return tree_view(data, m)
+
+
+def mirrored_bytes(data_dir: Path, path: str) -> bytes:
+    """The bytes of the file at `path` of a data dir, packed or plain (checked against the manifest's sha256).
+    FileNotFoundError when the data dir does not hold it."""
+    from shared.state.mirror.packed import read_entry
+
+    e = mirrored(Path(data_dir)).get(path)
+    if e is None or e.link is not None:
+        raise FileNotFoundError(path)
+    if e.pack is None:
+        return (Path(data_dir) / path).read_bytes()
+    return read_entry(Path(data_dir), e)
+
+
+def mirrored_names(data_dir: Path, folder: str) -> set[str]:
+    """The names of the files directly in `folder` of a data dir."""
+    prefix = folder.rstrip("/") + "/"
+    return {
+        p[len(prefix) :]
+        for p in mirrored(Path(data_dir))
+        if p.startswith(prefix) and "/" not in p[len(prefix) :]
+    }
+
+
+def damage_mirrored(data_dir: Path, path: str, how: str) -> None:
+    """Damage one file of a data dir where it really lives: `flip` a byte, `missing` (a packed file: its pack goes)."""
+    from shared.state.mirror.packed import pack_file
+
+    e = mirrored(Path(data_dir))[path]
+    if e.pack is None:
+        f, off = Path(data_dir) / path, 0
+    else:
+        f, off = pack_file(Path(data_dir), e.pack), e.offset
+    if how == "missing":
+        f.unlink()
+        return
+    os.chmod(f, 0o644)
+    with open(f, "r+b") as out:
+        out.seek(off)
+        b = out.read(1)
+        out.seek(off)
+        out.write(bytes([b[0] ^ 0xFF]))
+
+
+def volume_files(data_dir: Path) -> int:
+    """Files (not directories) really in the data dir, ours included: what a Modal Volume counts."""
+    return sum(len(files) for _, _, files in os.walk(data_dir))
