@@ -11,6 +11,7 @@ import pytest
 from shared.state.locks.serve_lock import ServeLock
 from shared.state.store import Store
 from tests.conftest import run_cli
+from tests.harness import damage_mirrored
 from tests.tabby_root import make_root, tree_state
 
 ALLOW = {"TABBY_MODAL_ALLOW_DESTRUCTIVE": "1"}
@@ -193,7 +194,7 @@ def test_hydrate_and_its_refusal(box, tmp_path):
     (tmp_path / "empty/data").mkdir(parents=True)  # a folder with an empty data dir: a fresh instance
     fresh = ok(["hydrate", "--local", str(tmp_path / "empty"), "--root", str(tmp_path / "new")], tmp_path)
     assert fresh["fresh"] is True
-    (box / "data/config.toml").write_text("tampered\n")
+    damage_mirrored(box / "data", "config.toml", "flip")  # where it lives: a slice of a pack
     before = tree_state(tmp_path / "back")
     assert "does not match" in refused(
         ["hydrate", "--local", str(box), "--root", str(tmp_path / "back")], tmp_path
