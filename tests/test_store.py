@@ -21,10 +21,10 @@ from shared.state.atomic import hash_file
 from shared.state.errors import HashMismatch, StateError
 from shared.state.locks.store_lock import LOCK_NAME, LockHeld, StoreLock, break_lock, read_lock
 from shared.state.mirror import Entry
+from shared.state.packs import PACK_FOOTER
 from shared.state.progress import Progress
 from shared.state.store import DirectoryBackend, Snapshot, Store, UnknownSnapshot, blob_name, snapshot_name
 from shared.state.store.core import ID_RE
-from shared.state.packs import PACK_FOOTER
 from tests.conftest import REPO
 from tests.harness import mirrored_bytes
 from tests.tabby_root import counter_values, make_root, tree_state

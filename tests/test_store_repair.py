@@ -19,8 +19,8 @@ from shared.state import archive, mirror
 from shared.state.atomic import hash_file
 from shared.state.errors import StateError
 from shared.state.mirror import Entry
-from shared.state.store import Snapshot, Store, snapshot_name
 from shared.state.packs import PACK_FOOTER
+from shared.state.store import Snapshot, Store, snapshot_name
 from tests.conftest import run_cli
 from tests.harness import mirrored, mirrored_bytes
 from tests.tabby_root import make_root, tree_state

@@ -53,8 +53,10 @@ def _guard(store: StoreCore, data_dir: Path, action: str, force: bool) -> None:
 
 def _holds_nothing(data_dir: Path) -> bool:
     """No file at all: no plain file, and no manifest naming packed ones (an unreadable manifest may name some)."""
-    if not data_dir.is_dir() or mirror.scan(data_dir):
-        return not data_dir.is_dir()
+    if not data_dir.is_dir():
+        return True
+    if mirror.scan(data_dir):
+        return False
     try:
         manifest = mirror.load_manifest(data_dir, copy=False)
     except StateError:

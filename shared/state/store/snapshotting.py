@@ -148,7 +148,6 @@ def take(store: StoreCore, data_dir: Path, label: str) -> dict[str, Any]:
     if not data_dir.is_dir():
         raise StateError(f"data dir {data_dir} does not exist")
     deadline = time.monotonic() + PENDING_WAIT
-    manifest = None
     for _ in range(3):
         manifest = mirror.load_manifest(data_dir)
         pending = mirror.pending_info(data_dir)
