@@ -26,7 +26,7 @@ from shared.state import database, inspection, mirror
 from shared.state.errors import StateError
 from shared.state.mirror.packed import PACKS_DIR, pack_file, pack_files, packable
 from shared.state.store import Store
-from tests.tabby_root import make_root
+from tests.tabby_root import make_root, tree_state
 from tests.test_interrupted_restore import add_files, restore_cmd, restore_marker
 
 SMALL_FILES = 2000
@@ -176,7 +176,7 @@ def test_snapshot_refuses_a_data_dir_whose_pack_is_gone(source, tmp_path):
     pack_file(data, victim).unlink()
     # Blobs already in the store are not read again: a fresh store must read every pack.
     fresh = Store.open(tmp_path / "fresh")
-    with pytest.raises(StateError, match="keeps changing"):
+    with pytest.raises(StateError, match="a pack its persist manifest names is gone"):
         fresh.snapshot(data, "gone")
     assert fresh.ids() == [] and store.ids() == before  # never a snapshot that silently lacks files
 
@@ -235,6 +235,19 @@ def test_reset_index_of_a_packed_data_dir(source, tmp_path):
     # The safety snapshot holds everything: restoring it brings the index back.
     store.restore(res["safety_snapshot"], data)
     assert held(data) == before
+
+
+def test_reset_refuses_when_a_pack_it_keeps_is_gone(source, tmp_path):
+    """A manifest written without the files of a missing pack would drop them silently: refused before the
+    marker, nothing written. (The safety snapshot succeeds: the store already holds every blob.)"""
+    data, store = copy_of(source, tmp_path)
+    pack_file(data, mirror.load_manifest(data).files["config.toml"].pack or "").unlink()
+    before = tree_state(data)
+    with pytest.raises(
+        StateError, match=r"refused: reset: pack [0-9a-f]{16} that the persist manifest names"
+    ):
+        store.reset(data, "index")
+    assert tree_state(data) == before and mirror.pending_info(data) is None
 
 
 def test_repair_stores_a_corrupt_blob_again_from_a_packed_file(source, tmp_path):

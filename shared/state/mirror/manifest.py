@@ -432,7 +432,7 @@ def rebuild_manifest(
         else:
             size, sha = hash_file(data_dir / p)
             files[p] = Entry(p, size, n.mtime_ns, n.mode, sha)
-    files.update({p: replace(e, racy=False) for p, e in packed.items()})
+    files.update({p: replace(e, racy=False) if e.racy else e for p, e in packed.items()})
     try:
         check_tree(list(files), {p: e.link for p, e in files.items() if e.link is not None})
     except StateError as err:

@@ -25,7 +25,7 @@ from shared.state.atomic import ensure_dir, fsync_dir, make_link, read_upto, syn
 from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
-from shared.state.mirror.packed import PACKS_DIR, PackSink, pack_file, packable, tree_view
+from shared.state.mirror.packed import PACKS_DIR, PackSink, pack_file, pack_files, packable, tree_view
 from shared.state.paths import inside
 from shared.state.store.core import Snapshot, StoreCore
 from shared.state.store.snapshotting import take
@@ -318,18 +318,24 @@ def reset(
             raise mirror.InterruptedChange(data_dir, prior, f"reset --scope {scope}")
         safety = prior.get("safety") if prior else _safety(store, data_dir, f"pre-reset-{scope}", force)
         prefixes = SCOPES[scope]
-        try:
-            manifest = mirror.load_manifest(data_dir)
-        except StateError as err:
-            # It may name packed files outside the scope: a manifest written without them would lose them.
-            raise StateError(f"refused: reset: {err}; restore a snapshot instead") from None
-        # Packed files under the scope simply leave the manifest (their packs go once no manifest names them).
-        packed = {p: e for p, e in tree_view(data_dir, manifest).items() if e.pack is not None}
-        kept = {p: e for p, e in packed.items() if not p.startswith(prefixes)}
-        doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
-        dropped = {p: e for p, e in packed.items() if p not in kept}
-        freed = sum(e.size for p, e in dropped.items() if p not in doomed)
-        with mirror.writing(data_dir):  # see _lay_down
+        with mirror.writing(data_dir):  # see _lay_down; what the data dir holds is read under the lock too
+            try:
+                manifest = mirror.load_manifest(data_dir)
+            except StateError as err:
+                # It may name packed files outside the scope: a manifest written without them would lose them.
+                raise StateError(f"refused: reset: {err}; restore a snapshot instead") from None
+            # Packed files under the scope simply leave the manifest (their packs go once no manifest names them).
+            packed = {p: e for p, e in tree_view(data_dir, manifest).items() if e.pack is not None}
+            kept = {p: e for p, e in packed.items() if not p.startswith(prefixes)}
+            lacking = sorted({e.pack or "" for e in kept.values()} - set(pack_files(data_dir)))
+            if lacking:
+                raise StateError(
+                    f"refused: reset: pack {lacking[0]} that the persist manifest names is missing from "
+                    f"{data_dir}; restore a snapshot instead"
+                )
+            doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
+            dropped = {p: e for p, e in packed.items() if p not in kept}
+            freed = sum(e.size for p, e in dropped.items() if p not in doomed)
             fault_points.reached("reset")
             mirror.write_pending(data_dir, "reset", scope=scope, safety=safety)
             if scope in ("all", "auth"):

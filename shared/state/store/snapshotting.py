@@ -170,7 +170,8 @@ def take(store: StoreCore, data_dir: Path, label: str) -> dict[str, Any]:
         return _take_tree(store, data_dir, label, "crash", mirror.load_manifest(data_dir))
     except _Changed:
         raise StateError(
-            f"{data_dir} keeps changing while it is read (its packs were replaced under the snapshot): retry"
+            f"{data_dir}: a pack its persist manifest names is gone or does not match (replaced by a persist while "
+            "read, or damaged): retry; if this repeats, restore the data dir from a snapshot"
         ) from None
 
 
