@@ -246,9 +246,9 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
             for p in database.DB_PATHS:
                 for side in database.sidecars(data_dir / p):
                     side.unlink(missing_ok=True)
-            if (
-                done
-            ):  # invisible until the manifest names them: a run that dies here leaves orphans, removed later
+            # The packs: invisible until the manifest names them (a run that dies here leaves orphans, removed
+            # by the restore that finishes the job).
+            if done:
                 folder = data_dir / PACKS_DIR
                 ensure_dir(folder)
                 for pack_id, (tmp, _) in done.items():
