@@ -200,6 +200,18 @@ def damage_mirrored(data_dir: Path, path: str, how: str) -> None:
         out.write(bytes([b[0] ^ 0xFF]))
 
 
+def mirrored_hashes(data_dir: Path) -> dict[str, str]:
+    """sha256 of every file a data dir holds (links as `->target`), packed or plain, by path."""
+    import hashlib
+
+    out = {}
+    for p, e in mirrored(Path(data_dir)).items():
+        out[p] = (
+            "->" + e.link if e.link is not None else hashlib.sha256(mirrored_bytes(data_dir, p)).hexdigest()
+        )
+    return out
+
+
 def volume_files(data_dir: Path) -> int:
     """Files (not directories) really in the data dir, ours included: what a Modal Volume counts."""
     return sum(len(files) for _, _, files in os.walk(data_dir))

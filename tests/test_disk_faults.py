@@ -35,10 +35,11 @@ import pytest
 from shared.state import atomic, database, mirror, space
 from shared.state.atomic import sync_fs, write_stream
 from shared.state.errors import DiskFull, StateError
-from shared.state.mirror.packed import pack_file
+from shared.state.mirror.packed import PACKS_DIR, pack_file, read_packed
 from shared.state.store import Store
 from shared.state.store import backend as backend_mod
 from tests.conftest import BIN, clean_env
+from tests.harness import mirrored, mirrored_hashes
 from tests.tabby_root import make_root
 
 persist_mod = sys.modules["shared.state.mirror.persist"]  # the module (the package exports the function)
@@ -125,7 +126,11 @@ def _sha(path: Path) -> str:
 
 
 def hashes(root: Path, *, skip: tuple[str, ...] = (".tabby-modal/", "models/")) -> dict[str, str]:
-    """sha256 of every regular file under `root` (links as `->target`), by relative path."""
+    """sha256 of every regular file under `root` (links as `->target`), by relative path; of a data dir, what it
+    holds (packed files read through the manifest, every slice checked)."""
+    if (root / mirror.MANIFEST).is_file():
+        held = mirrored_hashes(root)
+        return {k: v for k, v in held.items() if not (k.startswith(skip) or k.endswith(".lock"))}
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
@@ -148,22 +153,23 @@ def temp_files(root: Path) -> list[str]:
 
 
 def assert_manifest_true(data: Path) -> None:
-    """Every size and hash the persist manifest records is what the data dir holds: the file on disk, or for a
-    packed file its slice of the pack (read here, not through the code under test)."""
-    manifest = mirror.load_manifest(data)
-    assert manifest is not None
-    for e in manifest.files.values():
+    """Every size and hash the persist manifest records is what the data dir holds (a plain file, or its pack's
+    slice), and every pack it names is there at its recorded size."""
+    m = mirror.load_manifest(data)
+    assert m is not None
+    for pack_id, size in m.packs.items():
+        assert pack_file(data, pack_id).stat().st_size == size, pack_id
+    for path, e in m.files.items():
         if e.link is not None:
-            assert os.readlink(data / e.path) == e.link
+            assert os.readlink(data / path) == e.link
             continue
         if e.pack is not None:
-            with open(pack_file(data, e.pack), "rb") as f:
-                f.seek(e.offset)
-                raw = f.read(e.size)
-        else:
-            raw = (data / e.path).read_bytes()
-        assert len(raw) == e.size, (e.path, len(raw), e.size)
-        assert hashlib.sha256(raw).hexdigest() == e.sha256, e.path
+            got = read_packed(data, e)  # raises on a short slice or a hash that differs
+            assert len(got) == e.size
+            continue
+        p = data / path
+        assert p.stat().st_size == e.size, (path, p.stat().st_size, e.size)
+        assert _sha(p) == e.sha256, path
 
 
 def assert_whole_copies(copy: Path, *sources: dict[str, str]) -> None:
@@ -200,6 +206,27 @@ def test_hydrate_on_a_full_disk_fails_whole(tmp_path: Path, small_disk: Callable
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # staging and temps gone
     assert space.free_bytes(disk) == free
     assert hashes(tmp_path / "dir/data") == data_before
+
+
+def test_hydrate_of_packed_small_files_on_a_full_disk_fails_whole(
+    tmp_path: Path, small_disk: Callable[[int], Path]
+) -> None:
+    """Small files come out of packs in batches (one write per file, no temp names): a disk that fills half-way
+    through gives the same one line, exit 2, and leaves nothing behind."""
+    live = live_root(tmp_path / "live", big=False)
+    for i in range(1500):
+        f = live / f"repositories/r/d{i % 30}/f{i}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(os.urandom(2000))
+    mirror.persist(live, tmp_path / "dir/data")
+    assert sum(e.pack is not None for e in mirrored(tmp_path / "dir/data").values()) > 1500
+    disk = small_disk(8 << 20)
+    free = leave_free(disk, 2 << 20)  # room for about half of the ~4.5 MiB
+    got = cli(["hydrate", "--root", str(disk / "root"), "--local", str(tmp_path / "dir")], tmp_path)
+    assert_disk_full(got, disk)
+    assert not (disk / "root").exists()
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    assert space.free_bytes(disk) == free
 
 
 def test_hydrate_over_an_existing_root_on_a_full_disk_leaves_it(
@@ -536,6 +563,7 @@ class Events:
         monkeypatch.setattr(os, "unlink", unlink)
         monkeypatch.setattr(backend_mod, "sync_fs", syncfs)
         monkeypatch.setattr(atomic, "sync_fs", syncfs)
+        monkeypatch.setattr(persist_mod, "sync_fs", syncfs)
 
     def index(self, kind: str, match: Callable[[tuple[str, ...]], bool]) -> list[int]:
         return [i for i, e in enumerate(self.log) if e[0] == kind and match(e)]
@@ -557,18 +585,23 @@ def test_persist_fsyncs_every_copy_before_its_manifest(
     mirror.persist(live, data)
     manifest = str(data / mirror.MANIFEST)
     (m_at,) = ev.index("rename", lambda e: e[2] == manifest)
+    packs = str(data / PACKS_DIR)
     renames = [
         e
         for e in ev.log[:m_at]
-        if e[0] == "rename" and e[2].startswith(str(data)) and mirror.META_DIR not in e[2]
+        if e[0] == "rename"
+        and e[2].startswith(str(data))
+        and (mirror.META_DIR not in e[2] or e[2].startswith(packs))
     ]
-    assert len(renames) >= 20
+    # The database, big.bin, and the packs holding every small file (a plain file each in format 1).
+    assert len(renames) >= 3 and any(e[2].startswith(packs) for e in renames)
     for event in renames:
         at, final, inode = ev.log.index(event), event[2], event[3]
         synced = ev.index("fsync", lambda e, inode=inode: e[2] == inode)  # this file, under any of its names
         barrier = ev.index("syncfs", lambda e: True)
         if not os.path.islink(final):  # a link's target lives in its directory entry
-            assert any(i < at for i in synced) or any(at < i < m_at for i in barrier), (
+            # Its bytes durable: fsynced, or under a syncfs barrier, before the manifest names it.
+            assert any(i < at for i in synced + barrier) or any(at < i < m_at for i in barrier), (
                 f"{final}: never fsynced"
             )
         parent = os.path.dirname(final)

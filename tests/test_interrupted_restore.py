@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from shared.state import mirror
-from shared.state.mirror.packed import packable
+from shared.state.mirror.packed import packable, read_entry
 from shared.state.store import Store
 from tests.conftest import BIN, run_cli
-from tests.harness import free_port, mirrored, mirrored_bytes
+from tests.harness import free_port, mirrored
 from tests.tabby_root import make_root, tree_state
 from tests.test_serve_local import users, wait_ready
 from tests.test_serve_ownership import claim, register, start_serve, stop
@@ -66,7 +66,7 @@ def content(data: Path) -> dict[str, str]:
     held = mirrored(data)
     out = {}
     for p, e in held.items():
-        out[p] = "->" + e.link if e.link is not None else hashlib.sha256(mirrored_bytes(data, p)).hexdigest()
+        out[p] = "->" + e.link if e.link is not None else hashlib.sha256(read_entry(data, e)).hexdigest()
     for p in mirror.scan(data):
         if p not in held or held[p].pack is not None:
             out[f"stray:{p}"] = "left behind"

@@ -140,6 +140,16 @@ def test_the_source_data_dir_is_packed(source):
     assert len(on_disk(data)) < len(manifest.files) // 20
 
 
+def test_rebuild_manifest_keeps_what_a_packed_data_dir_holds(source, tmp_path):
+    """Describing a data dir anew (new epoch) keeps its packed files and their packs, unless told otherwise."""
+    data, _ = copy_of(source, tmp_path)
+    before, old = held(data), mirror.load_manifest(data)
+    new = mirror.rebuild_manifest(data, origin="restore")
+    assert new.epoch != old.epoch and new.packs == old.packs
+    assert held(data) == before
+    check_layout(data)
+
+
 # --- snapshot ----------------------------------------------------------------------------------------------------
 
 

@@ -194,7 +194,7 @@ def test_hydrate_and_its_refusal(box, tmp_path):
     (tmp_path / "empty/data").mkdir(parents=True)  # a folder with an empty data dir: a fresh instance
     fresh = ok(["hydrate", "--local", str(tmp_path / "empty"), "--root", str(tmp_path / "new")], tmp_path)
     assert fresh["fresh"] is True
-    damage_mirrored(box / "data", "config.toml", "flip")  # where it lives: a slice of a pack
+    damage_mirrored(box / "data", "config.toml", "flip")
     before = tree_state(tmp_path / "back")
     assert "does not match" in refused(
         ["hydrate", "--local", str(box), "--root", str(tmp_path / "back")], tmp_path

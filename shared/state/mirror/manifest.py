@@ -399,11 +399,12 @@ def rebuild_manifest(
 
     Plain files come from a scan: hashes are taken from `known` or the old manifest where a file's (size, mtime)
     still match, else computed. `packed` are the packed entries the data dir holds (kept as they are; their packs
-    must be in place): a plain file left at one of their paths is older than the manifest that packed it and is
-    removed after the new manifest, and so are the packs it no longer names. A new epoch tells a running persister
-    that its live root no longer matches. Clears the pending marker.
+    must be in place), by default those of the old manifest (`tree_view`): a plain file left at one of their
+    paths is older than the manifest that packed it and is removed after the new manifest, and so are the packs
+    it no longer names. A new epoch tells a running persister that its live root no longer matches. Clears the
+    pending marker.
     """
-    from shared.state.mirror.packed import pack_file, pack_files  # packed builds on this module
+    from shared.state.mirror.packed import pack_file, pack_files, tree_view  # packed builds on this module
 
     data_dir = Path(data_dir)
     try:
@@ -411,7 +412,8 @@ def rebuild_manifest(
     except StateError:
         prev = None
     pool = {**(prev.files if prev else {}), **(known or {})}
-    packed = packed or {}
+    if packed is None:
+        packed = {p: e for p, e in tree_view(data_dir, prev).items() if e.pack is not None}
     files: dict[str, Entry] = {}
     stale: list[str] = []
     for p, n in scan(data_dir).items():
