@@ -226,6 +226,25 @@ def test_restore_into_an_empty_and_a_plain_data_dir_writes_packs(source, tmp_pat
     assert set(store.load(res["safety_snapshot"]).files) == plain_files  # what it replaced is kept
 
 
+def test_restore_over_a_data_dir_of_packed_files_only_takes_a_safety_snapshot(tmp_path):
+    """No plain file at all (a scan sees nothing) is not an empty data dir: what it holds is kept first."""
+    live, data, store = tmp_path / "live", tmp_path / "data", Store.open(tmp_path / "backups")
+    (live / "b").mkdir(parents=True)
+    (live / "a.txt").write_text("first\n")
+    (live / "b/c.txt").write_text("kept\n")
+    mirror.persist(live, data)
+    first = store.snapshot(data, "first")["id"]
+    (live / "a.txt").write_text("second, never snapshotted\n")
+    mirror.persist(live, data)
+    assert mirror.scan(data) == {}  # every file packed
+    now = held(data)
+    res = store.restore(first, data)
+    assert res["safety_snapshot"] is not None
+    assert snapshot_content(store, res["safety_snapshot"]) == now
+    store.restore(res["safety_snapshot"], data)
+    assert held(data) == now
+
+
 # --- reset, repair, inspect --------------------------------------------------------------------------------------
 
 
