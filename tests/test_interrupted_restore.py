@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from shared.state import mirror
+from shared.state.mirror.packed import packable, read_entry
 from shared.state.store import Store
 from tests.conftest import BIN, run_cli
-from tests.harness import free_port
+from tests.harness import free_port, mirrored
 from tests.tabby_root import make_root, tree_state
 from tests.test_serve_local import users, wait_ready
 from tests.test_serve_ownership import claim, register, start_serve, stop
@@ -60,10 +61,15 @@ def two_states(tmp: Path, extra: int) -> tuple[Path, Store, str, str]:
 
 
 def content(data: Path) -> dict[str, str]:
-    """What the data dir holds, by path: the sha256 of each file or the target of each link."""
+    """What the data dir holds, by path: the sha256 of each file's bytes (packed or plain) or the target of each
+    link; a plain file that what it holds does not name (left behind) shows as `stray:PATH`."""
+    held = mirrored(data)
     out = {}
-    for p, n in mirror.scan(data).items():
-        out[p] = "->" + n.link if n.link is not None else hashlib.sha256((data / p).read_bytes()).hexdigest()
+    for p, e in held.items():
+        out[p] = "->" + e.link if e.link is not None else hashlib.sha256(read_entry(data, e)).hexdigest()
+    for p in mirror.scan(data):
+        if p not in held or held[p].pack is not None:
+            out[f"stray:{p}"] = "left behind"
     return out
 
 
@@ -78,10 +84,12 @@ def restore_cmd(local: Path, sid: str, tmp: Path, **env: str) -> subprocess.Comp
 
 
 def steps(store: Store, data: Path, target: str) -> int:
-    """How many fault steps a restore of `target` over `data` has: the marker, each file laid, each file removed,
-    the manifest, the marker's removal (see shared/state/store/restore.py)."""
+    """How many fault steps a restore of `target` over `data` has: the marker, each plain file laid (links,
+    databases, files >= 1 MiB: the small ones arrive in packs, renamed in before them), each plain file removed
+    (its path gone or packed now), the manifest, the marker's removal (see shared/state/store/restore.py)."""
     files = store.load(target).files
-    return 1 + len(files) + len(set(mirror.scan(data)) - set(files)) + 2
+    plain = {p for p, e in files.items() if e.link is not None or not packable(p, e.size)}
+    return 1 + len(plain) + len(set(mirror.scan(data)) - plain) + 2
 
 
 def restore_marker(data: Path) -> dict[str, Any] | None:
@@ -217,11 +225,14 @@ def test_interrupted_reset_is_marked_and_only_a_finishing_run_clears_it(tmp_path
     data = local / "data"
     before = content(data)
     doomed = {p for p in before if p.startswith(("index/", "repositories/"))}
+    # The fault steps: the marker, each plain file removed (packed ones simply leave the manifest), the manifest.
+    plain = [p for p in mirror.scan(data) if p in doomed]
+    assert plain and len(plain) < len(doomed)
     cut = run_cli(
         ["reset", "--scope", "index", "--local", str(local), "--yes"],
         tmp_path,
         **DESTRUCTIVE,
-        TM_TEST_FAULT=f"reset:{len(doomed) // 2}:INT",
+        TM_TEST_FAULT=f"reset:{2 + len(plain)}:INT",  # every plain one gone, not the manifest
     )
     assert cut.returncode == 130, cut.stderr
     marker = restore_marker(data)

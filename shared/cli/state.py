@@ -376,6 +376,7 @@ def inspect_cmd(snapshot: str | None, local: str | None, as_json: bool) -> None:
         db = r["db"]
         lines = [
             f"{r.get('snapshot') or r.get('data_dir')}: {r['files']} files, {mib(r['bytes'])}, {r['inodes']} inodes"
+            + (f" ({r['packs']} packs)" if r.get("packs") else "")
         ]
         if cut := r.get("interrupted"):  # first: the figures below describe a mix, not a state
             lines.insert(0, f"INTERRUPTED: this data dir holds {cut['describe']}: {cut['next']}")

@@ -16,6 +16,7 @@ from typing import Any
 from shared.state import database, mirror
 from shared.state.atomic import write_stream
 from shared.state.errors import StateError
+from shared.state.mirror.packed import holdings, pack_files
 from shared.state.store import Store, blob_name
 
 
@@ -62,7 +63,8 @@ def inspect(
     """Report on a data dir, or on one snapshot of `store`.
 
     Keys: `db` {integrity, users, owner (id 1, admin), tables, schema_version, migrations, ...}, `dirs`
-    {top: {files, bytes}}, `files`, `bytes`, `inodes`, `last_persist` {time, age_seconds, ...} or None,
+    {top: {files, bytes}}, `files`, `bytes` (what the data dir holds, packed or plain), `inodes` (files, links and
+    directories really on the Volume), `packs` (how many), `last_persist` {time, age_seconds, ...} or None,
     `snapshots` {count, bytes, blobs, newest}; and `interrupted` {op, target, scope, safety, running, describe,
     next} when an unfinished restore or reset left its marker (the tree is then no state at all).
     """
@@ -75,13 +77,14 @@ def inspect(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise StateError(f"data dir {data_dir} does not exist")
-    nodes = mirror.scan(data_dir)
     try:
         manifest = mirror.load_manifest(data_dir)
         manifest_problem = None
     except StateError as err:
         manifest, manifest_problem = None, str(err)
     pending = mirror.pending_info(data_dir)
+    # What the data dir holds (most small files live in packs, which a scan does not see as files).
+    held = holdings(data_dir, manifest, pending is not None)
     last = None
     if manifest is not None:
         last = {**_age(manifest.time_unix, now), "seq": manifest.seq, "origin": manifest.origin}
@@ -90,10 +93,11 @@ def inspect(
     out = {
         "source": "data",
         "data_dir": str(data_dir),
-        "dirs": _dirs({p: (n.size, n.link is not None) for p, n in nodes.items()}),
-        "files": len(nodes),
-        "bytes": sum(n.size for n in nodes.values()),
+        "dirs": _dirs({p: (e.size, e.link is not None) for p, e in held.items()}),
+        "files": len(held),
+        "bytes": sum(e.size for e in held.values()),
         "inodes": _inodes(data_dir),
+        "packs": len(pack_files(data_dir)),
         "db": _db_of_data_dir(data_dir),
         "last_persist": last,
         "snapshots": snapshots,

@@ -188,6 +188,15 @@ def tree_view(data_dir: Path, manifest: PersistManifest | None) -> dict[str, Ent
     return entries
 
 
+def holdings(data_dir: Path, manifest: PersistManifest | None, pending: bool) -> dict[str, Entry]:
+    """What the data dir holds, by path: its manifest's files when that manifest describes it whole (no pending
+    marker), else the tree as it stands (`tree_view`). For the tools that read a data dir (inspect, restore's
+    "is it empty", repair): a plain `scan` misses every packed file."""
+    if manifest is not None and not pending:
+        return manifest.files
+    return tree_view(data_dir, manifest)
+
+
 def _parents(path: str) -> Iterator[str]:
     while "/" in path:
         path = path.rsplit("/", 1)[0]

@@ -3,7 +3,8 @@
 
 1. A full verify quarantines every corrupt copy (see `quarantine`).
 2. Blobs with no intact copy left are stored again from the data dir when a file there still has the same sha256
-   (the persisted copy of the live state: most corrupt blobs are of files that did not change).
+   (the persisted copy of the live state: most corrupt blobs are of files that did not change); a packed file is
+   read through the data dir's manifest, its slice checked against the sha256 recorded there.
 3. Packs holding a quarantined copy are rewritten without it (every other blob re-hashed on the way), and loose
    blobs moved aside are deleted.
 4. Each manifest naming a blob that is still lost is rewritten without those files; its `repaired.lost` lists them,
@@ -24,6 +25,8 @@ from typing import Any
 from shared.state import database, mirror
 from shared.state.atomic import hash_file, read_small
 from shared.state.errors import HashMismatch, StateError
+from shared.state.mirror import Entry
+from shared.state.mirror.packed import holdings, read_entry
 from shared.state.store import quarantine
 from shared.state.store.backend import blob_name, snapshot_name
 from shared.state.store.core import Catalog, StoreCore
@@ -49,11 +52,11 @@ def repair(store: StoreCore, data_dir: Path, *, dry_run: bool = False) -> dict[s
         stored: list[dict[str, str]] = []
         if not dry_run and found:
             with store.backend.batch():
-                for sha, path in sorted(found.items()):
-                    if _store_again(store, data_dir, path, sha, wanted[sha].size):
-                        stored.append({"sha256": sha, "path": path})
+                for sha, e in sorted(found.items()):
+                    if _store_again(store, data_dir, e, sha, wanted[sha].size):
+                        stored.append({"sha256": sha, "path": e.path})
         elif found:
-            stored = [{"sha256": sha, "path": p} for sha, p in sorted(found.items())]
+            stored = [{"sha256": sha, "path": e.path} for sha, e in sorted(found.items())]
         lost_shas = gone - {s["sha256"] for s in stored}
         packs = sorted({o for _, o in bad if o in cat.packs})
         dropped = len({pair for pair in bad if pair[1] in cat.packs or pair[1].startswith(quarantine.ASIDE)})
@@ -103,30 +106,46 @@ def _intact(cat: Catalog, bad: set[tuple[str, str]], dry_run: bool) -> set[str]:
     return good
 
 
-def _in_data_dir(data_dir: Path, sizes: dict[str, int]) -> dict[str, str]:
-    """Files of the data dir that hash to a lost blob: {sha256: path}. Only files of a lost blob's size are read."""
+def _in_data_dir(data_dir: Path, sizes: dict[str, int]) -> dict[str, Entry]:
+    """Files of the data dir that hash to a lost blob: {sha256: entry}. Only files of a lost blob's size are read;
+    packed files are found by the sha256 their manifest records (checked again when read, in `_store_again`)."""
     if not sizes or not data_dir.is_dir():
         return {}
+    try:
+        manifest = mirror.load_manifest(data_dir, copy=False)
+    except StateError:
+        manifest = None  # the plain files can still help; the packed ones are out of reach without it
+    held = holdings(data_dir, manifest, mirror.pending_info(data_dir) is not None)
     want = set(sizes.values())
-    out: dict[str, str] = {}
-    for path, node in sorted(mirror.scan(data_dir).items()):
-        if node.link is not None or node.size not in want:
+    out: dict[str, Entry] = {}
+    for path, e in sorted(held.items()):
+        if e.link is not None or e.size not in want:
+            continue
+        if e.pack is not None:
+            if e.sha256 in sizes and e.sha256 not in out:
+                out[e.sha256] = e
             continue
         with contextlib.suppress(OSError):
             _, sha = hash_file(data_dir / path)
             if sha in sizes and sha not in out:
-                out[sha] = path
+                out[sha] = e
     return out
 
 
-def _store_again(store: StoreCore, data_dir: Path, path: str, sha: str, size: int) -> bool:
+def _store_again(store: StoreCore, data_dir: Path, e: Entry, sha: str, size: int) -> bool:
     """Write a data-dir file as blob `sha` (checked on the way: a file changed since it was hashed is skipped)."""
     try:
-        if _loose(path, size):
-            with open(data_dir / path, "rb", buffering=0) as f:
+        if e.pack is not None:
+            data = read_entry(data_dir, e)  # checked against the manifest's sha256, which is `sha`
+            if len(data) != size:
+                return False
+            store.backend.write_small(sha, data)
+            return True
+        if _loose(e.path, size):
+            with open(data_dir / e.path, "rb", buffering=0) as f:
                 store.backend.write_once(blob_name(sha), f, sha256=sha)
             return True
-        data = read_small(data_dir / path, size)
+        data = read_small(data_dir / e.path, size)
         if data is None or hashlib.sha256(data).hexdigest() != sha:
             return False
         store.backend.write_small(sha, data)

@@ -11,18 +11,21 @@ the same reset takes it over, keeping the first run's safety snapshot.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from shared.state import database, fault_points, mirror
-from shared.state.atomic import ensure_dir, fsync_dir, make_link, sync_fs, write_private
-from shared.state.errors import StateError
+from shared.state.atomic import ensure_dir, fsync_dir, make_link, read_upto, sync_fs, write_private
+from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
+from shared.state.mirror.packed import PACKS_DIR, PackSink, pack_file, pack_files, packable, tree_view
 from shared.state.paths import inside
 from shared.state.store.core import Snapshot, StoreCore
 from shared.state.store.snapshotting import take
@@ -30,6 +33,9 @@ from shared.state.store.verify import verify
 
 SCOPES = {"all": ("",), "auth": ("ee/",), "index": ("index/", "repositories/")}
 TMP_STAGING = "-staging-"
+# A task of small files laid into packs: up to this many neighbours, or this many bytes.
+BATCH_FILES = 256
+BATCH_BYTES = 8 << 20
 
 
 def _guard(store: StoreCore, data_dir: Path, action: str, force: bool) -> None:
@@ -45,8 +51,21 @@ def _guard(store: StoreCore, data_dir: Path, action: str, force: bool) -> None:
         )
 
 
+def _holds_nothing(data_dir: Path) -> bool:
+    """No file at all: no plain file, and no manifest naming packed ones (an unreadable manifest may name some)."""
+    if not data_dir.is_dir():
+        return True
+    if mirror.scan(data_dir):
+        return False
+    try:
+        manifest = mirror.load_manifest(data_dir, copy=False)
+    except StateError:
+        return False
+    return manifest is None or not manifest.files
+
+
 def _safety(store: StoreCore, data_dir: Path, label: str, force: bool) -> str | None:
-    if not data_dir.is_dir() or not mirror.scan(data_dir):
+    if _holds_nothing(data_dir):
         return None
     try:
         return take(store, data_dir, label)["id"]
@@ -156,19 +175,27 @@ def _finished(prior: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | None) -> None:
+    """Lay `snap` down in a staging dir (small files into packs, the rest as files), one barrier, then swap it in
+    under the writer lock after the durable pending marker: packs renamed in (no manifest names them yet), plain
+    files renamed over their paths, plain files the snapshot does not have as such removed, the new manifest
+    (naming the packed files), then the packs it does not name deleted and the marker cleared."""
     ensure_dir(data_dir)
     meta = data_dir / mirror.META_DIR
     for old in meta.glob(f"restore{TMP_STAGING}*") if meta.is_dir() else []:
         shutil.rmtree(old, ignore_errors=True)
     staging = meta / f"restore{TMP_STAGING}{secrets.token_hex(4)}"
+    tree = staging / "tree"  # the plain files, at their paths; the sink's packs go to staging/packs
+    sink = PackSink(staging)
     prog = store.progress("restore")
     prog.set_totals(len(snap.files), snap.bytes)
     cat = store.catalog()
+    plain = {p: e for p, e in snap.files.items() if e.link is not None or not packable(p, e.size)}
+    small = sorted((e for p, e in snap.files.items() if p not in plain), key=lambda e: e.path)
     try:
         ensure_dir(staging)
 
         def lay(e: Entry) -> None:
-            dst = staging / e.path
+            dst = tree / e.path
             if e.link is not None:
                 make_link(dst, e.link, durable=False)
                 return
@@ -176,18 +203,34 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
                 write_private(dst, f, expect_sha256=e.sha256, mode=e.mode, mtime_ns=e.mtime_ns)
             prog.add(1, e.size)
 
-        for d in sorted({os.path.dirname(p) for p in snap.files} - {""}):
-            (staging / d).mkdir(parents=True, exist_ok=True)
-        first = sorted(
-            snap.files.values(), key=lambda e: e.path not in database.DB_PATHS
-        )  # the database first
+        def pack(batch: list[Entry]) -> list[Entry]:
+            # Each blob is hashed as it goes into the pack: the restore never reads what it wrote a second time.
+            out = []
+            for e in batch:
+                with store.read_blob(cat, e.sha256) as f:
+                    data = read_upto(f, e.size + 1)
+                if len(data) != e.size or hashlib.sha256(data).hexdigest() != e.sha256:
+                    raise HashMismatch(f"{e.path}: stored blob is corrupt")
+                pack_id, off = sink.add(e.sha256 or "", data)
+                out.append(replace(e, racy=False, pack=pack_id, offset=off))
+            prog.add(len(batch), sum(e.size for e in batch))
+            return out
+
+        for d in sorted({os.path.dirname(p) for p in plain} - {""}):
+            (tree / d).mkdir(parents=True, exist_ok=True)
+        tree.mkdir(exist_ok=True)
+        first = sorted(plain.values(), key=lambda e: e.path not in database.DB_PATHS)  # the database first
+        packed: dict[str, Entry] = {}
         with worker_pool(mirror.WORKERS) as pool:
             list(pool.map(lay, first))
-        sync_fs(data_dir)  # one barrier for the whole staging tree before anything is swapped in
-        for p, e in snap.files.items():
-            if e.link is not None and not inside(staging, staging / p):
+            for got in pool.map(pack, _batches(small)):
+                packed.update((e.path, e) for e in got)
+        done = sink.finish()
+        sync_fs(data_dir)  # one barrier for the packs and the staging tree before anything is swapped in
+        for p, e in plain.items():
+            if e.link is not None and not inside(tree, tree / p):
                 raise StateError(f"refused: link {p} leaves the root")
-        checks = {p: database.check_file(staging / p, "quick") for p in snap.databases}
+        checks = {p: database.check_file(tree / p, "quick") for p in snap.databases if p in plain}
         for p, c in checks.items():
             if c != "ok":
                 raise StateError(f"refused: {p} fails quick_check after staging ({c})")
@@ -203,14 +246,23 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
             for p in database.DB_PATHS:
                 for side in database.sidecars(data_dir / p):
                     side.unlink(missing_ok=True)
+            # The packs: invisible until the manifest names them (a run that dies here leaves orphans, removed
+            # by the restore that finishes the job).
+            if done:
+                folder = data_dir / PACKS_DIR
+                ensure_dir(folder)
+                for pack_id, (tmp, _) in done.items():
+                    os.replace(tmp, pack_file(data_dir, pack_id))
+                fsync_dir(folder)
             touched = set()
-            for p in sorted(snap.files):
+            for p in sorted(plain):
                 fault_points.reached("restore")
                 mirror.clear_way(data_dir, p)
                 ensure_dir((data_dir / p).parent)
-                os.replace(staging / p, data_dir / p)
+                os.replace(tree / p, data_dir / p)
                 touched.add((data_dir / p).parent)
-            gone = [p for p in existing if p not in snap.files]
+            # Plain files the snapshot does not have as plain files: gone from it, or packed now.
+            gone = [p for p in existing if p not in plain]
             for p in gone:
                 fault_points.reached("restore")
                 mirror.remove(data_dir, p)
@@ -219,10 +271,27 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
                 with contextlib.suppress(FileNotFoundError):
                     fsync_dir(d)
             fault_points.reached("restore")
-            mirror.rebuild_manifest(data_dir, origin="restore", known=snap.files, checks=checks)
+            mirror.rebuild_manifest(data_dir, origin="restore", known=plain, checks=checks, packed=packed)
     finally:
+        sink.abort()  # packs not renamed in (a failed run); the renamed ones are no longer where it looks
         shutil.rmtree(staging, ignore_errors=True)
     prog.finish()
+
+
+def _batches(small: list[Entry]) -> list[list[Entry]]:
+    """Small files in tasks of neighbours (they share a pack, so a hydrate creates them directory by directory)."""
+    out: list[list[Entry]] = []
+    batch: list[Entry] = []
+    size = 0
+    for e in small:
+        batch.append(e)
+        size += e.size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            out.append(batch)
+            batch, size = [], 0
+    if batch:
+        out.append(batch)
+    return out
 
 
 def _reset_finishes(prior: dict[str, Any], scope: str) -> bool:
@@ -249,9 +318,24 @@ def reset(
             raise mirror.InterruptedChange(data_dir, prior, f"reset --scope {scope}")
         safety = prior.get("safety") if prior else _safety(store, data_dir, f"pre-reset-{scope}", force)
         prefixes = SCOPES[scope]
-        doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
-        freed = 0
-        with mirror.writing(data_dir):  # see _lay_down
+        with mirror.writing(data_dir):  # see _lay_down; what the data dir holds is read under the lock too
+            try:
+                manifest = mirror.load_manifest(data_dir)
+            except StateError as err:
+                # It may name packed files outside the scope: a manifest written without them would lose them.
+                raise StateError(f"refused: reset: {err}; restore a snapshot instead") from None
+            # Packed files under the scope simply leave the manifest (their packs go once no manifest names them).
+            packed = {p: e for p, e in tree_view(data_dir, manifest).items() if e.pack is not None}
+            kept = {p: e for p, e in packed.items() if not p.startswith(prefixes)}
+            lacking = sorted({e.pack or "" for e in kept.values()} - set(pack_files(data_dir)))
+            if lacking:
+                raise StateError(
+                    f"refused: reset: pack {lacking[0]} that the persist manifest names is missing from "
+                    f"{data_dir}; restore a snapshot instead"
+                )
+            doomed = [p for p in mirror.scan(data_dir) if p.startswith(prefixes)]
+            dropped = {p: e for p, e in packed.items() if p not in kept}
+            freed = sum(e.size for p, e in dropped.items() if p not in doomed)
             fault_points.reached("reset")
             mirror.write_pending(data_dir, "reset", scope=scope, safety=safety)
             if scope in ("all", "auth"):
@@ -263,10 +347,10 @@ def reset(
                 freed += mirror.remove(data_dir, p)
             mirror.prune_empty_dirs(data_dir, doomed)
             fault_points.reached("reset")
-            left = mirror.rebuild_manifest(data_dir, origin="reset")
+            left = mirror.rebuild_manifest(data_dir, origin="reset", packed=kept)
     return {
         "scope": scope,
-        "removed_files": len(doomed),
+        "removed_files": len({*doomed, *dropped}),
         "removed_bytes": freed,
         "files_left": len(left.files),
         "safety_snapshot": safety,

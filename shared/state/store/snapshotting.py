@@ -6,6 +6,7 @@ manifest that names them last.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import tempfile
 import time
@@ -19,6 +20,7 @@ from shared.state.atomic import hash_file, read_small, read_upto
 from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
+from shared.state.mirror.packed import by_pack, pack_file, read_slice, tree_view
 from shared.state.packs import PACK_BLOB_MAX
 from shared.state.paths import check_relpath, check_tree
 from shared.state.store.backend import blob_name, snapshot_name
@@ -27,6 +29,7 @@ from shared.state.store.verify import drill
 
 PENDING_WAIT = 30.0  # how long a snapshot waits for a persist running on this host to finish
 BATCH_BYTES = 2 << 30  # data written between two durability barriers
+PACK_TASK_BYTES = 4 << 20  # slices of one data-dir pack read by one task
 
 
 def _chunks(items: list[Any], size_of: Callable[[Any], int] = lambda e: e.size) -> Iterator[list[Any]]:
@@ -155,33 +158,51 @@ def take(store: StoreCore, data_dir: Path, label: str) -> dict[str, Any]:
         if pending is not None and pending.get("op") in mirror.BLOCKING_OPS:
             # A half-done restore or reset: a snapshot of that mix would later restore it as if it were a state.
             raise mirror.InterruptedChange(data_dir, pending, "snapshot")
-        if manifest is None and pending is None:
-            return _take_tree(store, data_dir, label, "direct")
-        if pending is not None or manifest is None:
-            return _take_tree(store, data_dir, label, "crash")
         try:
+            if manifest is None and pending is None:
+                return _take_tree(store, data_dir, label, "direct")
+            if pending is not None or manifest is None:
+                return _take_tree(store, data_dir, label, "crash", manifest)
             return _take_manifest(store, data_dir, manifest, label)
         except _Changed:
             continue
-    return _take_tree(store, data_dir, label, "crash")
+    try:
+        return _take_tree(store, data_dir, label, "crash", mirror.load_manifest(data_dir))
+    except _Changed:
+        raise StateError(
+            f"{data_dir}: a pack its persist manifest names is gone or does not match (replaced by a persist while "
+            "read, or damaged): retry; if this repeats, restore the data dir from a snapshot"
+        ) from None
 
 
 def _take_manifest(
     store: StoreCore, data_dir: Path, manifest: mirror.PersistManifest, label: str
 ) -> dict[str, Any]:
     started = time.monotonic()
-    files = {p: replace(e, racy=False) for p, e in manifest.files.items()}
+    # The store's snapshot format knows no data-dir packs: where a file's bytes were is the mirror's business.
+    files = {p: replace(e, racy=False, pack=None, offset=0) for p, e in manifest.files.items()}
     cat = store.catalog()
     todo = [
-        e for e in files.values() if e.link is None and not cat.has(e.sha256, loose=_loose(e.path, e.size))
+        e
+        for e in manifest.files.values()
+        if e.link is None and not cat.has(e.sha256, loose=_loose(e.path, e.size))
     ]
     todo = list({(e.sha256, _loose(e.path, e.size)): e for e in todo}.values())
     prog = store.progress("snapshot")
     prog.set_totals(len(todo), sum(e.size for e in todo))
 
-    def put(e: Entry) -> int:
+    def put(group: list[Entry]) -> int:
+        """One plain file, or the wanted slices of one data-dir pack (one open, read in order)."""
+        e = group[0]
         try:
-            if _loose(e.path, e.size):
+            if e.pack is not None:
+                fd = os.open(pack_file(data_dir, e.pack), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    for e in group:
+                        store.backend.write_small(e.sha256 or "", read_slice(fd, e))
+                finally:
+                    os.close(fd)
+            elif _loose(e.path, e.size):
                 with open(data_dir / e.path, "rb", buffering=0) as f:
                     store.backend.write_once(blob_name(e.sha256 or ""), f, sha256=e.sha256)
             else:
@@ -190,12 +211,16 @@ def _take_manifest(
                     raise _Changed()
                 store.backend.write_small(e.sha256 or "", data)
         except (HashMismatch, FileNotFoundError):
+            # A pack gone or a slice that does not match: a persist replaced them after we read the manifest.
             raise _Changed() from None
-        prog.add(1, e.size)
-        return e.size
+        size = sum(x.size for x in group)
+        prog.add(len(group), size)
+        return size
 
+    tasks = [[e] for e in todo if e.pack is None]
+    tasks += _pack_tasks({e.path: e for e in todo if e.pack is not None})
     written: list[int] = []
-    for chunk in _chunks(todo):
+    for chunk in _chunks(tasks, size_of=lambda g: sum(e.size for e in g)):
         with store.backend.batch(), worker_pool(mirror.WORKERS) as pool:
             written += pool.map(put, chunk)
     prog.finish()
@@ -205,18 +230,52 @@ def _take_manifest(
         "epoch": manifest.epoch,
     }
     checks = {p: str(d.get("check")) for p, d in manifest.databases.items()}
-    return _publish(store, files, checks, label, "persist", source, len(written), sum(written), started)
+    return _publish(store, files, checks, label, "persist", source, len(todo), sum(written), started)
 
 
-def _take_tree(store: StoreCore, root: Path, label: str, consistency: str) -> dict[str, Any]:
-    """The tree as it stands: every file hashed, databases copied through the backup API and fully checked."""
+def _pack_tasks(packed: dict[str, Entry]) -> list[list[Entry]]:
+    """Packed entries as tasks: per data-dir pack, in offset order, at most PACK_TASK_BYTES each (a pack of the
+    mirror is up to PACK_TARGET; smaller tasks keep every worker busy)."""
+    out: list[list[Entry]] = []
+    for group in by_pack(packed).values():
+        task: list[Entry] = []
+        size = 0
+        for e in group:
+            task.append(e)
+            size += e.size
+            if size >= PACK_TASK_BYTES:
+                out.append(task)
+                task, size = [], 0
+        if task:
+            out.append(task)
+    return out
+
+
+def _take_tree(
+    store: StoreCore,
+    root: Path,
+    label: str,
+    consistency: str,
+    manifest: mirror.PersistManifest | None = None,
+) -> dict[str, Any]:
+    """The tree as it stands: every file hashed, databases copied through the backup API and fully checked.
+    A data dir's tree (`manifest` given, or None when it has none) includes the packed files that manifest names
+    (`tree_view`): packs are never changed, so those are whole; a pack gone or not matching raises _Changed."""
     started = time.monotonic()
     nodes = mirror.scan(root)
+    packed: dict[str, Entry] = {}
+    if manifest is not None:
+        view = tree_view(root, manifest)
+        packed = {p: e for p, e in view.items() if e.pack is not None}
+        nodes = {p: n for p, n in nodes.items() if p not in packed}
     skipped = mirror.escaping_links(nodes)
     dbs = [p for p in database.DB_PATHS if p in nodes and nodes[p].link is None]
     plain = [p for p, n in nodes.items() if n.link is None and p not in dbs and p not in skipped]
     prog = store.progress("snapshot")
-    prog.set_totals(len(plain) + len(dbs), sum(nodes[p].size for p in [*plain, *dbs]))
+    prog.set_totals(
+        len(plain) + len(dbs) + len(packed),
+        sum(nodes[p].size for p in [*plain, *dbs]) + sum(e.size for e in packed.values()),
+    )
     files: dict[str, Entry] = {
         p: Entry(p, mode=0o777, link=n.link) for p, n in nodes.items() if n.link and p not in skipped
     }
@@ -270,6 +329,33 @@ def _take_tree(store: StoreCore, root: Path, label: str, consistency: str) -> di
                     files[p] = entry
                     new_blobs += created
                     new_bytes += size if created else 0
+
+    def put_packed(group: list[Entry]) -> tuple[int, int]:
+        created = size = 0
+        try:
+            fd = os.open(pack_file(root, group[0].pack or ""), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _Changed() from None
+        try:
+            for e in group:
+                try:
+                    data = read_slice(fd, e)
+                except HashMismatch:
+                    raise _Changed() from None
+                if not cat.has(e.sha256) and store.backend.write_small(e.sha256 or "", data):
+                    created += 1
+                    size += e.size
+                prog.add(1, e.size)
+        finally:
+            os.close(fd)
+        return created, size
+
+    for chunk in _chunks(_pack_tasks(packed), size_of=lambda g: sum(e.size for e in g)):
+        with store.backend.batch(), worker_pool(mirror.WORKERS) as pool:
+            for created, size in pool.map(put_packed, chunk):
+                new_blobs += created
+                new_bytes += size
+    files.update({p: replace(e, racy=False, pack=None, offset=0) for p, e in packed.items()})
     prog.finish()
     out = _publish(store, files, checks, label, consistency, {}, new_blobs, new_bytes, started)
     if skipped:
