@@ -343,6 +343,16 @@ def test_an_error_inside_a_call_ends_in_a_full_scan_next_time(
     assert check(tree) is False
 
 
+def test_a_symlinked_root_is_followed_as_scan_does(root: Path) -> None:
+    link = root.parent / "root-link"
+    os.symlink(root.name, link)
+    with LiveTree(link) as tree:
+        assert check(tree) is True and len(tree.nodes()[0]) > 10
+        op_create(link)
+        assert check(tree) is True and tree.stats["full_scans"] == 1
+        assert check(tree) is False
+
+
 def test_closed_tree_refuses(root: Path) -> None:
     tree = LiveTree(root)
     tree.nodes()

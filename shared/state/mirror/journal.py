@@ -286,7 +286,7 @@ class LiveTree:
             # And again next call: without events nothing can be trusted.
             return self._plain_scan("no-inotify")
         try:
-            st = os.lstat(self.root)
+            st = os.stat(self.root)  # a symlinked root is followed, as scan() does
         except OSError:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -425,7 +425,7 @@ class LiveTree:
         """Bring `rel`'s direct entries up to date; False if `rel` is no longer the directory we watch."""
         d = self._dirs[rel]
         try:
-            st = os.lstat(self.root / rel if rel else self.root)
+            st = os.lstat(self.root / rel) if rel else os.stat(self.root)
         except OSError:
             st = None
         if st is None or not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != d.ino:
@@ -499,19 +499,18 @@ class LiveTree:
         it keeps being replaced under us. The inode is checked after the watch is added: had the directory been
         swapped in between, the watch would sit on the wrong one. Returns the watch and the inode watched."""
         assert self._ino is not None
+        root = path == self.root  # followed if a symlink, as scan() does; nothing below it is
         for _ in range(3):
-            wd = self._ino.add_watch(path)
-            st = os.lstat(path)
+            wd = self._ino.add_watch(path, WATCH_MASK & ~IN_DONT_FOLLOW if root else WATCH_MASK)
+            st = os.stat(path) if root else os.lstat(path)
             if (st.st_dev, st.st_ino) == ino:
                 return wd, ino
             if wd not in self._wds:
                 self._ino.rm_watch(wd)
             if not stat.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, "replaced by a file", str(path))
-            ino = (
-                st.st_dev,
-                st.st_ino,
-            )  # replaced by another directory: its parent's events will tell; watch it
+            # Replaced by another directory: its parent's events will tell; watch that one.
+            ino = (st.st_dev, st.st_ino)
         self._full_due = "race"
         return None, ino
 
