@@ -295,7 +295,7 @@ class LiveTree:
                 self._adopt("", (st.st_dev, st.st_ino), set())
             finally:
                 self._rebuilding = False
-        else:
+        if "" not in self._dirs:
             self._full_due = "root"  # scan() of a missing root is empty: so is ours; look again next time
         self._note_full(why)
         return self._nodes, True
