@@ -316,9 +316,8 @@ class LiveTree:
                 if rel == "":
                     self._full_due = "root"
                     continue
-                if (
-                    mask & IN_IGNORED
-                ):  # the kernel dropped this watch: never rm_watch it (its wd may be reused)
+                if mask & IN_IGNORED:
+                    # The kernel dropped this watch (its directory is gone): never rm_watch its wd again.
                     self._dirs[rel].wd = None
                     del self._wds[wd]
                 dirty.add(_parent(rel))
@@ -355,11 +354,8 @@ class LiveTree:
                 dirty.add(d)
                 continue
             n = self._nodes.get(path)
-            if n is None or (n.size, n.mtime_ns, n.mode) != (
-                st.st_size,
-                st.st_mtime_ns,
-                stat.S_IMODE(st.st_mode),
-            ):
+            now = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+            if n is None or (n.size, n.mtime_ns, n.mode) != now:
                 dirty.add(d)
 
     def _apply(self, dirty: set[str], changes: set[str]) -> None:
