@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     persist_interval: int = Field(
         30, ge=1, le=3600, description="Seconds between persists of Tabby's state to /data."
     )
+    full_scan_minutes: int = Field(
+        10,
+        ge=0,
+        le=1440,
+        description="Minutes between full scans of Tabby's root by the persister (changes in between come from "
+        "inotify); 0 = a full scan every persist.",
+    )
     restart_limit: int = Field(
         3, ge=0, le=100, description="Restarts of a crashed Tabby within RESTART_WINDOW before it gives up."
     )

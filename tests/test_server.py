@@ -397,3 +397,22 @@ def test_final_persist_past_the_exit_deadline_keeps_the_last_complete_state(tmp_
     again = tmp_path / "again"
     mirror.hydrate(h.data, again)  # what the next container would start from: consistent, the old database
     assert users(again / "ee/db.sqlite") == ["owner@example.com"]
+
+
+def test_persist_passes_read_the_live_root_through_one_change_journal(tmp_path, harness):
+    h = harness()
+    seed_data_dir(tmp_path, h.data, ["owner@example.com"])
+    assert h.server.start()
+    tree = h.server._live_tree
+    assert tree is not None
+    h.server.persist_now()
+    assert tree.stats["full_scans"] == 1  # the first pass after hydrate scans the root whole
+    (h.live / "events/2026-01-02.json").write_text('{"new": true}\n')
+    result = h.server.persist_now()
+    assert result is not None and result["changed"] >= 1
+    assert (h.data / "events/2026-01-02.json").read_text() == '{"new": true}\n'
+    assert tree.stats["full_scans"] == 1 and tree.last_changes is not None  # from inotify, no second scan
+    h.server.stop()
+    assert h.server._live_tree is None
+    with pytest.raises(ValueError, match="closed"):
+        tree.nodes()

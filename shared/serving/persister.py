@@ -1,6 +1,8 @@
 """The server's persister: the live root mirrored into the data dir every `persist_interval` s and at stop, then
 the commit hook; a data dir replaced under the server (a forced restore or reset, another writer) supersedes it.
 A persist still copying at the exit deadline (`stop()` sets `_deadline`) stops between two files.
+Each pass learns what is in the live root from one change journal (`LiveTree`, inotify) opened after hydrate, not
+from a full scan (a full scan every `full_scan_minutes` all the same).
 
 A part of `TabbyServer` (shared/serving/server.py), which sets the attributes named below.
 """
@@ -11,11 +13,14 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.serving.server_state import ServerState
 from shared.serving.supervisor import Supervisor
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.state.mirror import LiveTree
 
 log = logging.getLogger("tabby_modal.server")
 
@@ -38,6 +43,7 @@ class Persister:
     _seq: int | None
     _epoch: str | None
     _hydrated: bool
+    _live_tree: LiveTree | None
     _stopping: threading.Event
     _persist_lock: threading.Lock
 
@@ -60,6 +66,7 @@ class Persister:
                     epoch=self._epoch,
                     seq=self._seq,  # anyone else's persist, restore or reset since: DataDirReplaced
                     deadline=lambda: self._deadline,
+                    live_tree=self._live_tree,
                 )
             except mirror.PersistDeadline as err:
                 self.persist_error = str(err)
@@ -91,6 +98,20 @@ class Persister:
                 result.get("seconds", 0.0),
             )
         return result
+
+    def open_live_tree(self) -> None:
+        """The change journal on the live root, once it is hydrated (hydrate may have put a new directory there)."""
+        from shared.state import mirror
+
+        self.close_live_tree()
+        self._live_tree = mirror.LiveTree(
+            self.live_root, full_scan_every=self.settings.full_scan_minutes * 60.0
+        )
+
+    def close_live_tree(self) -> None:
+        tree, self._live_tree = self._live_tree, None
+        if tree is not None:
+            tree.close()
 
     def _supersede(self, why: str) -> None:
         """The data dir changed under us (a forced restore or reset, another writer): stop Tabby, stop persisting,

@@ -114,6 +114,7 @@ class TabbyServer(Persister):
         self._seq: int | None = None  # the persist manifest's number as we hydrated or last wrote it
         self._watcher: threading.Thread | None = None
         self._hydrated = False
+        self._live_tree = None  # the change journal persist reads the live root through, from hydrate to stop
         self._skip_flags: frozenset[str] = frozenset()  # model flags the user's config.toml overrides
         self._epoch: str | None = None
         self._stopping = threading.Event()
@@ -204,6 +205,7 @@ class TabbyServer(Persister):
                 self._epoch = result.get("epoch")
                 self._seq = result.get("seq")
                 self._hydrated = True
+                self.open_live_tree()
                 log.info(
                     "hydrated %s from %s: %s (%.2fs)",
                     self.live_root,
@@ -385,6 +387,7 @@ class TabbyServer(Persister):
                 result = self.persist_now()
                 outcome = "done" if result is not None else f"not done ({self.persist_error})"
                 log.info("stop: final persist %s (%.2fs)", outcome, time.monotonic() - at)
+            self.close_live_tree()
             self.state = ServerState.STOPPED
             log.info("stopped in %.2fs (exit budget %gs)", time.monotonic() - began, self.exit_budget)
             return result

@@ -7,12 +7,14 @@ marker (`.tabby-modal/pending.json`) tells readers a pass is mid-way. Hydrate ch
 before the live root is touched.
 
 The modules: `scan` (walking a root, what is mirrored), `manifest` (entries, the persist manifest, the pending
-marker), `tantivy` (what a meta.json names), `persist`, `hydrate`. This face is what the rest of `shared` uses.
+marker), `tantivy` (what a meta.json names), `persist`, `hydrate`, `journal` (the live root's scan kept current by
+inotify: `LiveTree`, which persist's `live_tree=` takes). This face is what the rest of `shared` uses.
 """
 
 from __future__ import annotations
 
 from shared.state.mirror.hydrate import hydrate
+from shared.state.mirror.journal import LiveTree
 from shared.state.mirror.manifest import (
     BLOCKING_OPS,
     MANIFEST,
@@ -61,6 +63,7 @@ __all__ = [
     "DataDirReplaced",
     "Entry",
     "InterruptedChange",
+    "LiveTree",
     "PersistDeadline",
     "PersistManifest",
     "clear_way",
