@@ -410,7 +410,7 @@ def test_persist_passes_read_the_live_root_through_one_change_journal(tmp_path, 
     (h.live / "events/2026-01-02.json").write_text('{"new": true}\n')
     result = h.server.persist_now()
     assert result is not None and result["changed"] >= 1
-    assert (h.data / "events/2026-01-02.json").read_text() == '{"new": true}\n'
+    assert mirrored_bytes(h.data, "events/2026-01-02.json") == b'{"new": true}\n'
     assert tree.stats["full_scans"] == 1 and tree.last_changes is not None  # from inotify, no second scan
     h.server.stop()
     assert h.server._live_tree is None
