@@ -7,8 +7,9 @@ marker (`.tabby-modal/pending.json`) tells readers a pass is mid-way. Hydrate ch
 before the live root is touched.
 
 The modules: `scan` (walking a root, what is mirrored), `manifest` (entries, the persist manifest, the pending
-marker), `tantivy` (what a meta.json names), `persist`, `hydrate`, `journal` (the live root's scan kept current by
-inotify: `LiveTree`, which persist's `live_tree=` takes). This face is what the rest of `shared` uses.
+marker), `packed` (files under 1 MiB live in packs in the data dir), `tantivy` (what a meta.json names), `persist`,
+`hydrate`, `rebuild` (a data dir described anew after a restore or reset), `journal` (the live root's scan kept
+current by inotify: `LiveTree`, which persist's `live_tree=` takes). This face is what the rest of `shared` uses.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from shared.state.mirror.manifest import (
     parse_entries,
     pending_alive,
     pending_info,
-    rebuild_manifest,
     refuse_unfinished,
     unfinished_change,
     write_pending,
     writing,
 )
 from shared.state.mirror.persist import PersistDeadline, persist
+from shared.state.mirror.rebuild import rebuild_manifest
 from shared.state.mirror.scan import (
     META_DIR,
     WORKERS,

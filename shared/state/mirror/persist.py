@@ -483,7 +483,9 @@ def persist(
             raise
         finally:
             if runs:
-                runs[0].sink.abort()  # packs of a pass that did not get to rename them (a no-op after publish)
+                runs[
+                    0
+                ].sink.abort()  # packs of a pass that did not get to rename them (a no-op after publish)
                 shutil.rmtree(runs[0].staging, ignore_errors=True)
     if commit is not None:
         commit()
