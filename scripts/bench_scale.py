@@ -235,7 +235,7 @@ def main() -> int:
     ap.add_argument("--big-mb", type=float, help="Size of the hydrate root in MiB (default 1024; quick 32).")
     ap.add_argument("--mono-files", type=int, help="Files in the monorepo root (default 200000; quick 4000).")
     ap.add_argument(
-        "--repeat", type=int, default=1, help="Side-by-side runs per comparison, best counts (1)."
+        "--repeat", type=int, default=3, help="Side-by-side runs per comparison, best counts (3)."
     )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="Keep the temp dir (for profiling the roots).")
