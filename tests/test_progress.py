@@ -245,3 +245,17 @@ def test_bar_only_where_a_person_watches(where, tmp_path):
         assert len(lines) == 201 and lines[-1].startswith(summary) and "done in" in lines[-1]
         # No ETA from the first 1% of the work (one file of 200 once read "ETA 8h29m"), one after it.
         assert "ETA" not in lines[0] and "ETA" in lines[2]
+
+
+def test_a_worker_redraw_that_comes_after_finish_draws_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers count files (persist's copy threads): one that decided to redraw just before finish() may call in
+    after it. That redraw started a second bar under the summary line (seen in a pty run); now it is dropped."""
+    p = Progress("persist", bar=True, interval=0.0)
+    drawn: list[float | None] = []
+    monkeypatch.setattr(p, "_draw", lambda fraction: drawn.append(fraction))
+    p.set_totals(10, 10)
+    p._show_bar(0.1)  # a redraw while it runs
+    p.finish()
+    before = list(drawn)
+    p._show_bar(0.9)  # the late one, from a worker that computed it before finish()
+    assert drawn == before and p._bar is None

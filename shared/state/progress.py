@@ -190,6 +190,10 @@ class Progress:
         self._start = clock()
         self._last = self._start
         self._lock = threading.Lock()
+        # The bar is drawn outside `_lock` (rich's refresh thread takes it through FactsColumn); this one orders
+        # the workers' redraws against finish(), so no redraw lands after the summary or starts a second bar.
+        self._bar_lock = threading.Lock()
+        self._finished = False
         self._bar_wanted = bar if bar is not None else (stream is None and on_terminal())
         self._bar: Any = None  # the rich Progress while it is shown
         self._bar_task: Any = None
@@ -273,15 +277,18 @@ class Progress:
         return self._estimate.done_fraction(self.files, self.bytes, self.total_files, self.total_bytes)
 
     def finish(self) -> None:
+        with self._bar_lock:
+            self._finished = True  # from here no worker's add draws (or starts) a bar
         with self._lock:
             if not self.lines and not self._bar_shown:
                 return
             now = self.clock()
             line = self.line(now) + f", done in {_duration(now - self._start)}"
             fraction = self._fraction()
-        if self._bar is not None:
-            self._show_bar(fraction)
-            self._stop_bar()
+        with self._bar_lock:
+            if self._bar is not None:
+                self._draw(fraction)
+                self._stop_bar()
         self._print(line)
 
     def _print(self, line: str) -> None:
@@ -292,6 +299,11 @@ class Progress:
     # --- the live bar (a terminal) ---------------------------------------------------------------------------------
 
     def _show_bar(self, fraction: float | None) -> None:
+        with self._bar_lock:
+            if not self._finished:
+                self._draw(fraction)
+
+    def _draw(self, fraction: float | None) -> None:
         if self._bar is None:
             self._bar, self._bar_task = _rich_bar(self)
             self._bar_shown = True
