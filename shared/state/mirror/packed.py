@@ -59,17 +59,35 @@ def read_slice(fd: int, e: Entry) -> bytes:
 SPAN_MAX = 64 << 20  # read a pack's slices in one go up to this span (a pack is ~16 MiB)
 
 
+_LOCAL = threading.local()
+
+
+def _span(n: int) -> memoryview:
+    """This thread's read buffer, at least `n` bytes: a fresh 16 MiB per pack costs a page fault per 4 KiB."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _LOCAL.buf = bytearray(max(n, PACK_TARGET + PACK_BLOB_MAX))
+    return memoryview(buf)[:n]
+
+
 def read_slices(fd: int, group: list[Entry]) -> Iterator[tuple[Entry, memoryview]]:
     """The bytes of the packed entries `group` (one pack's, in offset order) from its open `fd`, each checked
-    against its sha256 before it is yielded (HashMismatch): one read for the whole span, no copy per slice."""
+    against its sha256 before it is yielded (HashMismatch): one read for the whole span into this thread's buffer,
+    no copy per slice. A slice is valid until the thread's next `read_slices`: use it before asking for more."""
     start = group[0].offset
     end = max(e.offset + e.size for e in group)
     if end - start > SPAN_MAX:
         for e in group:
             yield e, memoryview(read_slice(fd, e))
         return
-    raw = os.pread(fd, end - start, start)
-    view = memoryview(raw)
+    view = _span(end - start)
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], start + got)
+        if n == 0:
+            break
+        got += n
+    view = view[:got]
     for e in group:
         piece = view[e.offset - start : e.offset - start + e.size]
         if len(piece) != e.size or hashlib.sha256(piece).hexdigest() != e.sha256:
