@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from shared.state.mirror.scan import Node, excluded, scan
+from shared.state.mirror.scan import Node, excluded, node_of, scan
 
 # <sys/inotify.h>
 IN_MODIFY = 0x00000002
@@ -400,14 +400,9 @@ class LiveTree:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     subdirs[path] = (st.st_dev, st.st_ino)
-                elif stat.S_ISLNK(st.st_mode):
-                    try:
-                        files[path] = Node(0, st.st_mtime_ns, 0o777, os.readlink(de.path))
-                    except FileNotFoundError:
-                        continue
-                elif stat.S_ISREG(st.st_mode):
-                    files[path] = Node(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-                    if st.st_nlink > 1:
+                elif (node := node_of(de, st)) is not None:
+                    files[path] = node
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                         if path not in self._linked and not self._rebuilding:
                             # A new hard link: its other names may sit in directories without an event for a
                             # write through this one, and we do not know where: find them all once.

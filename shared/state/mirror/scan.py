@@ -77,14 +77,22 @@ def scan(root: Path, *, tmp_files: list[str] | None = None) -> dict[str, Node]:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(path)
-                elif stat.S_ISLNK(st.st_mode):
-                    try:
-                        out[path] = Node(0, st.st_mtime_ns, 0o777, os.readlink(de.path))
-                    except FileNotFoundError:
-                        continue
-                elif stat.S_ISREG(st.st_mode):
-                    out[path] = Node(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+                elif (node := node_of(de, st)) is not None:
+                    out[path] = node
     return out
+
+
+def node_of(de: os.DirEntry[str], st: os.stat_result) -> Node | None:
+    """What `scan` records for a directory entry that is not a directory: a symlink (its target) or a regular
+    file; None for anything else, or a link gone before it was read."""
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return Node(0, st.st_mtime_ns, 0o777, os.readlink(de.path))
+        except FileNotFoundError:
+            return None
+    if stat.S_ISREG(st.st_mode):
+        return Node(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+    return None
 
 
 def escaping_links(nodes: dict[str, Node]) -> set[str]:

@@ -221,9 +221,12 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
         tree.mkdir(exist_ok=True)
         first = sorted(plain.values(), key=lambda e: e.path not in database.DB_PATHS)  # the database first
         packed: dict[str, Entry] = {}
-        with worker_pool(mirror.WORKERS) as pool:
+        # Small blobs on one thread beside the pool's large files: a few short system calls each, and threads
+        # trading the GIL after every one of them are slower than one thread (see mirror/persist.py).
+        with worker_pool(mirror.WORKERS) as pool, worker_pool(1) as one:
+            small_done = one.map(pack, _batches(small))
             list(pool.map(lay, first))
-            for got in pool.map(pack, _batches(small)):
+            for got in small_done:
                 packed.update((e.path, e) for e in got)
         done = sink.finish()
         sync_fs(data_dir)  # one barrier for the packs and the staging tree before anything is swapped in
