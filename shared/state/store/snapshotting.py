@@ -11,7 +11,6 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -180,7 +179,7 @@ def _take_manifest(
 ) -> dict[str, Any]:
     started = time.monotonic()
     # The store's snapshot format knows no data-dir packs: where a file's bytes were is the mirror's business.
-    files = {p: replace(e, racy=False, pack=None, offset=0) for p, e in manifest.files.items()}
+    files = {p: e.stored() for p, e in manifest.files.items()}
     cat = store.catalog()
     todo = [
         e
@@ -355,7 +354,7 @@ def _take_tree(
             for created, size in pool.map(put_packed, chunk):
                 new_blobs += created
                 new_bytes += size
-    files.update({p: replace(e, racy=False, pack=None, offset=0) for p, e in packed.items()})
+    files.update({p: e.stored() for p, e in packed.items()})
     prog.finish()
     out = _publish(store, files, checks, label, consistency, {}, new_blobs, new_bytes, started)
     if skipped:
