@@ -153,6 +153,21 @@ def test_real_persist_eta_lines_against_the_time_left(many_files_root, tmp_path)
 # --- (2) a terminal: the live bar -------------------------------------------------------------------------------
 
 
+def _drain(master: int) -> str:
+    """Everything written to a pty until the child's end of it closes (EIO), as text; closes `master`."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def test_terminal_gets_a_live_bar_and_a_summary(tmp_path):
     # Packed persists are quick (0.3 s for a 3,000-file root on a quiet machine): 15,000 files, so rich redraws
     # (4/s) a few times before the end.
@@ -173,20 +188,10 @@ def test_terminal_gets_a_live_bar_and_a_summary(tmp_path):
         stderr=slave,
     )
     os.close(slave)
-    chunks = []
-    while True:  # until the child's end of the terminal closes (EIO)
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
+    raw = _drain(master)
     assert proc.stdout is not None
     result = json.loads(proc.stdout.read())  # stdout (--json) carries no bar
     assert proc.wait(timeout=60) == 0 and result["changed"] >= 15_000
-    raw = b"".join(chunks).decode(errors="replace")
     assert "\x1b[" in raw  # rich's cursor moves: a live, redrawn bar
     frames = ANSI.sub("", raw).replace("\r\n", "\n")
     assert "━" in frames and " files, " in frames and "ETA " in frames
@@ -214,18 +219,9 @@ def _under_pty(env: dict[str, str]) -> str:
         [sys.executable, "-c", CHILD], cwd=REPO, env=env, stdin=subprocess.DEVNULL, stderr=slave
     )
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
+    raw = _drain(master)
     assert proc.wait(timeout=60) == 0
-    return b"".join(chunks).decode(errors="replace")
+    return raw
 
 
 @pytest.mark.parametrize("where", ["terminal", "MODAL_TASK_ID", "MODAL_IS_REMOTE", "CI"])

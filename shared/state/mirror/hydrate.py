@@ -30,7 +30,7 @@ from shared.state.mirror.manifest import (
     pending_info,
     refuse_unfinished,
 )
-from shared.state.mirror.packed import by_pack, pack_file, read_slices, tree_view
+from shared.state.mirror.packed import batches, by_pack, pack_file, read_slices, tree_view
 from shared.state.mirror.scan import (
     WORKERS,
     clear_way,
@@ -42,25 +42,6 @@ from shared.state.paths import check_tree, inside
 from shared.state.progress import Progress, silent
 
 SMALL_FILE = 1 << 20  # hydrate reads a file below this size whole, then writes it in one go
-BATCH_FILES = 256
-
-
-def _batches(plain: list[Entry]) -> list[list[Entry]]:
-    """Plain files in tasks: small neighbours together (a future per file costs more than the file), a large file
-    alone."""
-    out: list[list[Entry]] = []
-    batch: list[Entry] = []
-    for e in plain:
-        if e.size >= SMALL_FILE:
-            out.append([e])
-            continue
-        batch.append(e)
-        if len(batch) >= BATCH_FILES:
-            out.append(batch)
-            batch = []
-    if batch:
-        out.append(batch)
-    return out
 
 
 def _staging_for(live_root: Path) -> Path:
@@ -174,7 +155,10 @@ def hydrate(data_dir: Path, live_root: Path, *, progress: Progress | None = None
         tasks: list[tuple[str, list[Entry]]] = [("pack", g) for g in by_pack(entries).values()]
         tasks += [
             ("plain", b)
-            for b in _batches(sorted((e for e in entries.values() if e.pack is None), key=lambda e: e.path))
+            for b in batches(
+                sorted((e for e in entries.values() if e.pack is None), key=lambda e: e.path),
+                lambda e: e.size,
+            )
         ]
         tasks.sort(key=lambda t: -sum(e.size for e in t[1]))  # the biggest first: the pool ends together
         with worker_pool(WORKERS) as pool:

@@ -15,8 +15,9 @@ import hashlib
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from shared.state import database
 from shared.state.errors import HashMismatch
@@ -25,7 +26,32 @@ from shared.state.mirror.scan import META_DIR, scan
 from shared.state.packs import PACK_BLOB_MAX, PACK_TARGET, PackWriter
 
 PACKS_DIR = f"{META_DIR}/packs"
+T = TypeVar("T")
 PACK_SUFFIX = ".pack"
+
+
+# A copy task: neighbouring small files, up to this many or this many bytes (a future per file costs more than a
+# small file's copy); a file of PACK_BLOB_MAX or more is a task of its own.
+BATCH_FILES = 256
+BATCH_BYTES = 8 << 20
+
+
+def batches(items: Iterable[T], size_of: Callable[[T], int]) -> Iterator[list[T]]:
+    """`items` (in path order, so neighbours share a pack) as the tasks of a copy pool: persist, hydrate, restore."""
+    batch: list[T] = []
+    size = 0
+    for item in items:
+        n = size_of(item)
+        if n >= PACK_BLOB_MAX:
+            yield [item]
+            continue
+        batch.append(item)
+        size += n
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def packable(path: str, size: int) -> bool:

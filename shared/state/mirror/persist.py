@@ -25,7 +25,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ from shared.state.mirror.manifest import (
 from shared.state.mirror.packed import (
     PACKS_DIR,
     PackSink,
+    batches,
     by_pack,
     pack_file,
     pack_files,
@@ -86,9 +87,6 @@ RACY_NS = 100_000_000
 # Compaction: a pass moves at most this many live bytes out of mostly-dead packs; packs under SMALL_PACK bytes are
 # merged once there are more than SMALL_PACKS_MAX of them (a busy server writes one small pack per pass).
 COMPACT_BUDGET = 64 << 20
-# A copy task: neighbouring small files, up to this many or this many bytes.
-BATCH_FILES = 256
-BATCH_BYTES = 8 << 20
 SMALL_PACK = 1 << 20
 SMALL_PACKS_MAX = 64
 
@@ -589,9 +587,8 @@ def _persist(
         return out
 
     done = 0
-    batches = list(_batches(todo, nodes))
-    large = [b for b in batches if len(b) == 1 and nodes[b[0]].size >= PACK_BLOB_MAX]
-    small = [b for b in batches if not (len(b) == 1 and nodes[b[0]].size >= PACK_BLOB_MAX)]
+    large = [[p] for p in todo if nodes[p].size >= PACK_BLOB_MAX]
+    small = list(batches((p for p in todo if nodes[p].size < PACK_BLOB_MAX), lambda p: nodes[p].size))
     # Small files on ONE thread: their work is a few short system calls each, and threads trading the GIL after
     # every call made a 20k-file pass 2.5x slower on 4 threads than on one (measured). Large files (long reads
     # and hashes without the GIL) run beside it on the pool.
@@ -681,25 +678,6 @@ def _persist(
         "packs": len(manifest.packs),
         "warnings": warnings + run.warnings,
     }
-
-
-def _batches(todo: list[str], nodes: dict[str, Node]) -> Iterator[list[str]]:
-    """Neighbouring paths in one task (a future per file costs more than a small file's copy): up to BATCH_FILES
-    files or BATCH_BYTES bytes; a large file is a task of its own."""
-    batch: list[str] = []
-    size = 0
-    for p in todo:
-        n = nodes[p].size
-        if n >= PACK_BLOB_MAX:
-            yield [p]
-            continue
-        batch.append(p)
-        size += n
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def _quiet(live_root: Path, prev: PersistManifest) -> bool:

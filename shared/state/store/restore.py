@@ -25,7 +25,15 @@ from shared.state.atomic import ensure_dir, fsync_dir, make_link, read_upto, syn
 from shared.state.errors import HashMismatch, StateError
 from shared.state.interruption import worker_pool
 from shared.state.mirror import Entry
-from shared.state.mirror.packed import PACKS_DIR, PackSink, pack_file, pack_files, packable, tree_view
+from shared.state.mirror.packed import (
+    PACKS_DIR,
+    PackSink,
+    batches,
+    pack_file,
+    pack_files,
+    packable,
+    tree_view,
+)
 from shared.state.paths import inside
 from shared.state.store.core import Snapshot, StoreCore
 from shared.state.store.snapshotting import take
@@ -33,9 +41,6 @@ from shared.state.store.verify import verify
 
 SCOPES = {"all": ("",), "auth": ("ee/",), "index": ("index/", "repositories/")}
 TMP_STAGING = "-staging-"
-# A task of small files laid into packs: up to this many neighbours, or this many bytes.
-BATCH_FILES = 256
-BATCH_BYTES = 8 << 20
 
 
 def _guard(store: StoreCore, data_dir: Path, action: str, force: bool) -> None:
@@ -224,7 +229,7 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
         # Small blobs on one thread beside the pool's large files: a few short system calls each, and threads
         # trading the GIL after every one of them are slower than one thread (see mirror/persist.py).
         with worker_pool(mirror.WORKERS) as pool, worker_pool(1) as one:
-            small_done = one.map(pack, _batches(small))
+            small_done = one.map(pack, batches(small, lambda e: e.size))
             list(pool.map(lay, first))
             for got in small_done:
                 packed.update((e.path, e) for e in got)
@@ -279,22 +284,6 @@ def _lay_down(store: StoreCore, snap: Snapshot, data_dir: Path, safety: str | No
         sink.abort()  # packs not renamed in (a failed run); the renamed ones are no longer where it looks
         shutil.rmtree(staging, ignore_errors=True)
     prog.finish()
-
-
-def _batches(small: list[Entry]) -> list[list[Entry]]:
-    """Small files in tasks of neighbours (they share a pack, so a hydrate creates them directory by directory)."""
-    out: list[list[Entry]] = []
-    batch: list[Entry] = []
-    size = 0
-    for e in small:
-        batch.append(e)
-        size += e.size
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
-            out.append(batch)
-            batch, size = [], 0
-    if batch:
-        out.append(batch)
-    return out
 
 
 def _reset_finishes(prior: dict[str, Any], scope: str) -> bool:
